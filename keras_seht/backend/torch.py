@@ -1,0 +1,191 @@
+"""SEHT autodiff on the PyTorch backend.
+
+The train step is eager PyTorch: one forward pass, one graph-building
+backward for g = dL/dw, an HVP h = d(g . sigma)/dw per probe, and one
+backward of t = mean(sigma . h) for its gradient. The loss gradient g is
+reused for the update (never recomputed):
+
+    update direction = g + strength * dt/dw.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import keras
+import torch
+
+from keras_seht import _keras_compat as compat
+from keras_seht import functional
+
+STEP_KEYS = ("seht_trace", "seht_skipped")
+
+
+def _grad(
+    output: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    create_graph: bool,
+    grad_outputs: Any = None,
+    batched: bool = False,
+) -> list[torch.Tensor]:
+    """autograd.grad with zeros (not None) for inputs the output ignores."""
+    if not output.requires_grad:
+        shape = (output.shape[0],) if batched else ()
+        return [torch.zeros(shape + tuple(p.shape), device=p.device,
+                            dtype=p.dtype) for p in inputs]
+    grads = torch.autograd.grad(
+        output,
+        list(inputs),
+        grad_outputs=grad_outputs,
+        create_graph=create_graph,
+        retain_graph=True,
+        allow_unused=True,
+        is_grads_batched=batched,
+    )
+    out = []
+    for g, p in zip(grads, inputs):
+        if g is None:
+            shape = (output.shape[0],) if batched else ()
+            g = torch.zeros(shape + tuple(p.shape), device=p.device,
+                            dtype=p.dtype)
+        out.append(g)
+    return out
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    total = None
+    for u, v in zip(a, b):
+        term = torch.sum(u * v)
+        total = term if total is None else total + term
+    assert total is not None
+    return total
+
+
+def probe_estimate(
+    grads: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    probes: Sequence[Sequence[torch.Tensor]],
+    create_graph: bool,
+) -> torch.Tensor:
+    """mean_k sigma_k^T H sigma_k from a graph-connected gradient."""
+    values = []
+    for sigma in probes:
+        hv = _grad(_dot(grads, sigma), params, create_graph=create_graph)
+        values.append(_dot(sigma, hv))
+    return torch.stack(values).mean()
+
+
+def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
+    """One SEHT training step (the model's ``seht`` is not None)."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    estimator = model.seht
+    if compat.call_has_training_arg(model):
+        y_pred = model(x, training=True)
+    else:
+        y_pred = model(x)
+    model.zero_grad()
+    loss = compat.compute_loss(model, x, y, y_pred, sample_weight, True)
+
+    trainable = model.trainable_weights[:]
+    params = [v.value for v in trainable]
+    grads = _grad(loss, params, create_graph=True)
+    layout = model.seht_layout
+    probes = [
+        estimator.sample_probes(
+            layout, seed=model.seht_seed_generator, dtype=params[0].dtype
+        )
+        for _ in range(estimator.max_iter)
+    ]
+    trace = probe_estimate(grads, params, probes, create_graph=True)
+    trace_value = trace.detach()
+    finite = bool(torch.isfinite(trace_value))
+    if finite:
+        grad_trace = _grad(trace, params, create_graph=False)
+        gradients = [
+            g.detach() + estimator.strength * gt
+            for g, gt in zip(grads, grad_trace)
+        ]
+        total = loss.detach() + estimator.strength * trace_value
+    else:
+        gradients = [g.detach() for g in grads]
+        total = loss.detach()
+        model.warn_skipped_once()
+    del grads, trace, probes
+
+    batch_size = next(
+        i for i in keras.tree.flatten(x) if i is not None
+    ).shape[0]
+    compat.loss_tracker(model).update_state(total, sample_weight=batch_size)
+    model.update_seht_trackers(trace_value, finite)
+    gradients = [model.optimizer.scale_loss(g) for g in gradients]
+    with torch.no_grad():
+        model.optimizer.apply(gradients, trainable)
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+class HessianVectorProduct:
+    """Hessian-vector products of the compiled loss at the current weights.
+
+    The loss is evaluated once, statelessly (no variable, BatchNorm
+    statistic or seed of the model changes); every product reuses the
+    graph of one differentiable gradient.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        x: Any,
+        y: Any,
+        sample_weight: Any = None,
+        training: bool = False,
+    ) -> None:
+        self.params = [
+            v.value.detach().clone().requires_grad_(True)
+            for v in model.trainable_variables
+        ]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        with torch.enable_grad():
+            loss, _, _ = functional.stateless_loss(
+                model, self.params, non_trainable, x, y, sample_weight,
+                training,
+            )
+            self.grads = _grad(loss, self.params, create_graph=True)
+        self.loss = float(loss.detach())
+
+    def __call__(self, vectors: Sequence[Any]) -> list[torch.Tensor]:
+        """H v for one vector given as one tensor per variable."""
+        with torch.enable_grad():
+            out = _grad(_dot(self.grads, vectors), self.params, False)
+        return [o.detach() for o in out]
+
+    def quadratic_form(self, vectors: Sequence[Any]) -> float:
+        """v^T H v."""
+        return float(_dot(vectors, self(vectors)))
+
+    def diagonal(self, chunk_size: int = 256) -> list[torch.Tensor]:
+        """The exact Hessian diagonal, by batches of Hessian rows."""
+        flat_grad = torch.cat([g.reshape(-1) for g in self.grads])
+        n = flat_grad.numel()
+        diag = torch.zeros(n, dtype=flat_grad.dtype, device=flat_grad.device)
+        with torch.enable_grad(), warnings.catch_warnings():
+            # vmap falls back to a loop for ops without batching rules.
+            warnings.simplefilter("ignore")
+            for start in range(0, n, chunk_size):
+                idx = torch.arange(start, min(n, start + chunk_size),
+                                   device=flat_grad.device)
+                basis = torch.zeros(len(idx), n, dtype=flat_grad.dtype,
+                                    device=flat_grad.device)
+                basis[torch.arange(len(idx)), idx] = 1.0
+                rows = _grad(flat_grad, self.params, create_graph=False,
+                             grad_outputs=basis, batched=True)
+                rows_flat = torch.cat(
+                    [r.reshape(len(idx), -1) for r in rows], dim=1
+                )
+                diag[idx] = rows_flat[torch.arange(len(idx)), idx].detach()
+        out, offset = [], 0
+        for p in self.params:
+            size = p.numel()
+            out.append(diag[offset:offset + size].reshape(p.shape))
+            offset += size
+        return out

@@ -1,0 +1,326 @@
+r"""Stochastic Estimators of Hessian Trace (SEHT): the probes and their math.
+
+Every estimator here produces a random probe vector :math:`\sigma` (one tensor
+per trainable variable, drawn independently of the weights) such that
+
+.. math::
+
+    t = \sigma^\top H \sigma, \qquad H = \nabla^2_w L(w),
+
+has a known expectation. The train step (``keras_seht/backend/``) computes
+:math:`t` by a Hessian-vector product, averages ``max_iter`` probes, and
+minimizes :math:`L(w) + \text{strength}\cdot t`, differentiating through
+:math:`t` (a third-order derivative of :math:`L`).
+
+References:
+    Yucong Liu, Shixing Yu, Tong Lin. "Regularizing Deep Neural Networks with
+    Stochastic Estimators of Hessian Trace." arXiv:2208.05924.
+
+    M. F. Hutchinson. "A stochastic estimator of the trace of the influence
+    matrix for Laplacian smoothing splines." 1990.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_seht.layout import WeightLayout
+
+Seed = int | keras.random.SeedGenerator | None
+
+
+def _check_max_iter(max_iter: Any) -> int:
+    if isinstance(max_iter, bool) or not isinstance(
+        max_iter, (int, np.integer)
+    ):
+        raise ValueError(
+            f"`max_iter` must be an integer >= 1. Received: max_iter="
+            f"{max_iter!r}"
+        )
+    if max_iter < 1:
+        raise ValueError(
+            f"`max_iter` must be an integer >= 1. Received: max_iter="
+            f"{max_iter}"
+        )
+    return int(max_iter)
+
+
+def _check_strength(strength: Any) -> float:
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            "`strength` must be a finite number >= 0. Received: strength="
+            f"{strength!r}"
+        )
+    return value
+
+
+def _check_probability(name: str, value: Any, high: float) -> float:
+    try:
+        prob = float(value)
+    except (TypeError, ValueError):
+        prob = float("nan")
+    if not (0.0 < prob <= high):
+        raise ValueError(
+            f"`{name}` must be in the interval (0, {high:g}]. Received: "
+            f"{name}={value!r}"
+        )
+    return prob
+
+
+class CurvatureEstimator:
+    """Base class of the SEHT estimators.
+
+    A subclass defines `sample_probes` (one random probe per call) and
+    `layer_weights` (what the probe's expectation weighs each layer's
+    Hessian trace by). The train step does the autodiff; estimators are pure
+    descriptions of the random probe, serializable with `get_config` /
+    `from_config` like any Keras object.
+
+    Writing your own: subclass, validate arguments in ``__init__``, implement
+    ``sample_probes(layout, seed, dtype)`` returning one tensor per trainable
+    variable, return every constructor argument from ``get_config``, and
+    decorate the class with ``keras.saving.register_keras_serializable``.
+
+    Args:
+        max_iter: Number of independent probes averaged per training step.
+        strength: Multiplier of the trace estimate added to the loss.
+    """
+
+    #: Whether computing the penalty needs second-order autodiff through the
+    #: loss gradient (true for every exact Hessian estimator).
+    needs_double_backward = True
+
+    def __init__(self, max_iter: int = 1, strength: float = 1e-3) -> None:
+        self.max_iter = _check_max_iter(max_iter)
+        self.strength = _check_strength(strength)
+
+    def sample_probes(
+        self, layout: WeightLayout, seed: Seed = None, dtype: str = "float32"
+    ) -> list[Any]:
+        """Draws one probe vector sigma, one tensor per trainable variable.
+
+        Args:
+            layout: The model's `WeightLayout` (`keras_seht.weight_layout`).
+            seed: An int, a `keras.random.SeedGenerator`, or None (global
+                Keras seed).
+            dtype: Float dtype of the probe tensors.
+
+        Returns:
+            A list of tensors with the shapes in ``layout.shapes``.
+        """
+        raise NotImplementedError
+
+    def layer_weights(self, layout: WeightLayout) -> list[float]:
+        """The weight c_l in E[t] = sum_l c_l tr(H_ll), for each layer."""
+        raise NotImplementedError
+
+    def expectation(
+        self, hessian_diagonal: Sequence[Any], layout: WeightLayout
+    ) -> float:
+        """E[t] given the exact Hessian diagonal (one array per variable).
+
+        Args:
+            hessian_diagonal: The diagonal of the Hessian, shaped like the
+                trainable variables (`keras_seht.hessian_diagonal`).
+            layout: The model's `WeightLayout`.
+
+        Returns:
+            The expected value of one probe's ``t`` as a float.
+        """
+        weights = self.layer_weights(layout)
+        total = 0.0
+        for layer, indices in enumerate(layout.groups):
+            trace = sum(
+                float(np.sum(np.asarray(hessian_diagonal[i], "float64")))
+                for i in indices
+            )
+            total += weights[layer] * trace
+        return total
+
+    def get_config(self) -> dict[str, Any]:
+        return {"max_iter": self.max_iter, "strength": self.strength}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "CurvatureEstimator":
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{self.__class__.__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(self) is type(other)
+            and self.get_config() == other.get_config()  # type: ignore
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, repr(self)))
+
+
+def _rademacher(shape: tuple[int, ...], seed: Seed, dtype: str) -> Any:
+    u = keras.random.uniform(shape, dtype="float32", seed=seed)
+    return ops.cast(ops.where(u < 0.5, -1.0, 1.0), dtype)
+
+
+@keras.saving.register_keras_serializable(package="keras_seht")
+class SEHTH(CurvatureEstimator):
+    r"""SEHT-H: Hutchinson's estimator of the full Hessian trace.
+
+    Every entry of the probe is an independent Rademacher variable,
+    :math:`\sigma_i \in \{-1, +1\}` with equal probability, so
+    :math:`E[\sigma\sigma^\top] = I` and
+
+    .. math::
+
+        E[\sigma^\top H \sigma] = \operatorname{tr}(H).
+
+    The variance of one probe is :math:`2\sum_{i\ne j} H_{ij}^2`; averaging
+    ``max_iter`` probes divides it by ``max_iter``. Cost per step: one
+    Hessian-vector product per probe, plus its derivative for training.
+
+    Args:
+        max_iter: Probes averaged per step (the paper uses 5).
+        strength: Multiplier of the trace in the loss (paper: 1e-3).
+
+    Example:
+
+    >>> est = SEHTH(max_iter=5, strength=1e-3)
+    >>> SEHTH.from_config(est.get_config()) == est
+    True
+    """
+
+    def sample_probes(
+        self, layout: WeightLayout, seed: Seed = None, dtype: str = "float32"
+    ) -> list[Any]:
+        return [_rademacher(shape, seed, dtype) for shape in layout.shapes]
+
+    def layer_weights(self, layout: WeightLayout) -> list[float]:
+        return [1.0] * layout.num_layers
+
+
+@keras.saving.register_keras_serializable(package="keras_seht")
+class SEHTD(CurvatureEstimator):
+    r"""SEHT-D: the sparse ("dropout") estimator of a partial Hessian trace.
+
+    Each weight-bearing layer :math:`l` is drawn with probability
+    :math:`\pi_l` (``layer_p``; the output layer always when
+    ``include_output_layer``, i.e. :math:`\pi_{out}=1`). Inside a drawn layer
+    the probe entries are i.i.d.
+
+    .. math::
+
+        \sigma_i = \begin{cases} +1 & \text{w.p. } p \\ -1 & \text{w.p. } p
+        \\ 0 & \text{w.p. } 1-2p \end{cases}
+
+    and zero outside drawn layers. Entries and layers are independent and
+    zero-mean, so :math:`E[\sigma\sigma^\top]` is diagonal and
+
+    .. math::
+
+        E[\sigma^\top H \sigma] = \sum_l \pi_l \, 2p \, \operatorname{tr}(H_{ll}).
+
+    With ``unbiased=True`` each drawn layer's probe is scaled by
+    :math:`1/\sqrt{\pi_l \cdot 2p}`, so that :math:`E[t] = \operatorname{tr}(H)`
+    (at the price of a larger variance).
+
+    Args:
+        p: Probability of +1 (and of -1) for each entry, in (0, 0.5].
+            ``p=0.5`` with ``layer_p=1`` is Hutchinson's estimator.
+        max_iter: Probes averaged per step (the paper uses 1).
+        strength: Multiplier of the estimate in the loss (paper: 1e-3).
+        layer_p: Probability of drawing each layer, in (0, 1]; defaults to
+            ``p``.
+        include_output_layer: Always draw the output layer (the last layer
+            owning trainable weights).
+        unbiased: Rescale so the estimate is unbiased for the full trace.
+
+    Example:
+
+    >>> est = SEHTD(p=0.05)
+    >>> est.layer_p
+    0.05
+    """
+
+    def __init__(
+        self,
+        p: float = 0.01,
+        max_iter: int = 1,
+        strength: float = 1e-3,
+        layer_p: float | None = None,
+        include_output_layer: bool = True,
+        unbiased: bool = False,
+    ) -> None:
+        super().__init__(max_iter=max_iter, strength=strength)
+        self.p = _check_probability("p", p, 0.5)
+        self.layer_p = (
+            self.p
+            if layer_p is None
+            else _check_probability("layer_p", layer_p, 1.0)
+        )
+        self._layer_p_given = layer_p is not None
+        if not isinstance(include_output_layer, (bool, np.bool_)):
+            raise ValueError(
+                "`include_output_layer` must be a bool. Received: "
+                f"include_output_layer={include_output_layer!r}"
+            )
+        if not isinstance(unbiased, (bool, np.bool_)):
+            raise ValueError(
+                f"`unbiased` must be a bool. Received: unbiased={unbiased!r}"
+            )
+        self.include_output_layer = bool(include_output_layer)
+        self.unbiased = bool(unbiased)
+
+    def layer_probabilities(self, layout: WeightLayout) -> list[float]:
+        """Probability pi_l that each layer is drawn."""
+        probs = [self.layer_p] * layout.num_layers
+        if self.include_output_layer and probs:
+            probs[layout.output_layer] = 1.0
+        return probs
+
+    def layer_weights(self, layout: WeightLayout) -> list[float]:
+        if self.unbiased:
+            return [1.0] * layout.num_layers
+        return [pi * 2.0 * self.p for pi in self.layer_probabilities(layout)]
+
+    def sample_probes(
+        self, layout: WeightLayout, seed: Seed = None, dtype: str = "float32"
+    ) -> list[Any]:
+        probes: list[Any] = [None] * len(layout.shapes)
+        probs = self.layer_probabilities(layout)
+        for layer, indices in enumerate(layout.groups):
+            pi = probs[layer]
+            if pi >= 1.0:
+                drawn = ops.ones((), dtype="float32")
+            else:
+                u_layer = keras.random.uniform((), dtype="float32", seed=seed)
+                drawn = ops.cast(u_layer < pi, "float32")
+            scale = 1.0 / math.sqrt(pi * 2.0 * self.p) if self.unbiased else 1
+            for i in indices:
+                u = keras.random.uniform(
+                    layout.shapes[i], dtype="float32", seed=seed
+                )
+                entries = ops.cast(u < self.p, "float32") - ops.cast(
+                    u >= 1.0 - self.p, "float32"
+                )
+                probes[i] = ops.cast(entries * (drawn * scale), dtype)
+        return probes
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            p=self.p,
+            layer_p=self.layer_p if self._layer_p_given else None,
+            include_output_layer=self.include_output_layer,
+            unbiased=self.unbiased,
+        )
+        return config

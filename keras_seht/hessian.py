@@ -1,0 +1,232 @@
+r"""Hessian traces and diagonals of a compiled model's loss.
+
+All functions evaluate the Hessian of the model's compiled loss (including
+``model.losses``) on one fixed batch, with respect to its trainable weights,
+at the current weights. They never modify the model: no weight, BatchNorm
+statistic or random seed of the model changes.
+
+By default the forward pass runs in inference mode (``training=False``:
+BatchNorm uses its moving statistics and Dropout is off), which makes the
+loss a deterministic function of the weights. Pass ``training=True`` for
+the training-mode loss that the train step regularizes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_seht import backend as seht_backend
+from keras_seht import functional, regularizers
+from keras_seht.estimators import SEHTH
+from keras_seht.layout import weight_layout
+
+#: Above this many trainable weights `exact_hessian_trace` refuses to run
+#: unless forced: it costs one Hessian row per weight.
+MAX_EXACT_WEIGHTS = 20_000
+
+
+def _prepare(model: keras.Model, x: Any, y: Any, sample_weight: Any):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"`model` must be a keras.Model. Received: {type(model).__name__}"
+        )
+    if not model.compiled:
+        raise ValueError(
+            "`model` must be compiled: the Hessian is that of the compiled "
+            "loss. Call `model.compile(loss=...)` first."
+        )
+    x, y, sample_weight = functional.as_tensors(x, y, sample_weight)
+    if not model.built:
+        model(x)
+    if not model.trainable_variables:
+        raise ValueError("`model` has no trainable weights.")
+    return x, y, sample_weight
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"`{name}` must be an integer >= 1. Received: {value!r}")
+    if value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1. Received: {value}")
+    return int(value)
+
+
+def hessian_trace(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    estimator: Any = None,
+    samples: int = 100,
+    seed: int | None = 0,
+    sample_weight: Any = None,
+    training: bool = False,
+    return_std_error: bool = False,
+    verbose: int = 0,
+) -> float | tuple[float, float]:
+    r"""Monte-Carlo estimate of the Hessian trace with a SEHT estimator.
+
+    Averages ``samples`` independent draws of the estimator's
+    :math:`t = \frac{1}{K}\sum_{k=1}^{K} \sigma_k^\top H \sigma_k`
+    (``K = estimator.max_iter``) on the batch ``(x, y)``, re-using one
+    differentiable gradient for all Hessian-vector products. The result
+    estimates ``estimator.expectation(...)``: the full trace for `SEHTH`
+    and for ``SEHTD(unbiased=True)``, a weighted partial trace otherwise.
+
+    Args:
+        model: A compiled Keras model.
+        x, y: One batch (array-likes or tensors).
+        estimator: An estimator, registry name or config; default `SEHTH`.
+        samples: Number of estimator draws to average.
+        seed: Seed of the probes (int), or None for the global Keras seed.
+        sample_weight: Optional per-sample loss weights.
+        training: Run the forward pass in training mode.
+        return_std_error: Also return the standard error of the mean.
+        verbose: 1 shows a progress bar.
+
+    Returns:
+        The mean estimate as a float, or ``(mean, standard_error)``.
+
+    Example:
+
+    >>> import keras, keras_seht, numpy as np
+    >>> model = keras_seht.Sequential([
+    ...     keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    >>> model.compile(loss="sparse_categorical_crossentropy")
+    >>> x, y = np.ones((4, 3)), np.array([0, 1, 0, 1])
+    >>> t = keras_seht.hessian_trace(model, x, y, samples=10)
+    >>> exact = keras_seht.exact_hessian_trace(model, x, y)
+    >>> abs(t - exact) < 1e-4  # this Hessian happens to be diagonal
+    True
+    """
+    estimator = regularizers.get(estimator) or SEHTH(max_iter=1)
+    samples = _check_positive_int("samples", samples)
+    x, y, sample_weight = _prepare(model, x, y, sample_weight)
+    layout = weight_layout(model)
+    hvp = seht_backend.get().HessianVectorProduct(
+        model, x, y, sample_weight, training
+    )
+    seed_generator = keras.random.SeedGenerator(seed)
+    dtype = model.trainable_variables[0].dtype
+    progbar = keras.utils.Progbar(samples) if verbose else None
+    draws = []
+    for i in range(samples):
+        values = [
+            hvp.quadratic_form(
+                estimator.sample_probes(layout, seed_generator, dtype)
+            )
+            for _ in range(estimator.max_iter)
+        ]
+        draws.append(float(np.mean(values)))
+        if progbar is not None:
+            progbar.update(i + 1, [("trace", float(np.mean(draws)))])
+    mean = float(np.mean(draws))
+    if not return_std_error:
+        return mean
+    std_error = (
+        float(np.std(draws, ddof=1) / math.sqrt(samples))
+        if samples > 1
+        else float("inf")
+    )
+    return mean, std_error
+
+
+def hessian_diagonal(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    method: str = "exact",
+    samples: int = 100,
+    seed: int | None = 0,
+    sample_weight: Any = None,
+    training: bool = False,
+    max_weights: int = MAX_EXACT_WEIGHTS,
+    force: bool = False,
+) -> list[np.ndarray]:
+    r"""The diagonal of the loss Hessian, one array per trainable variable.
+
+    ``method="exact"`` computes every diagonal entry from batched rows of
+    the Hessian (one Hessian-vector product per weight). ``"hutchinson"``
+    averages :math:`\sigma \odot H\sigma` over ``samples`` Rademacher probes,
+    an unbiased estimate (Bekas et al., 2007) at ``samples`` HVPs.
+
+    Args:
+        model: A compiled Keras model.
+        x, y: One batch.
+        method: ``"exact"`` or ``"hutchinson"``.
+        samples: Probes for ``"hutchinson"``.
+        seed: Seed of the probes.
+        sample_weight: Optional per-sample loss weights.
+        training: Run the forward pass in training mode.
+        max_weights: ``"exact"`` refuses larger models unless ``force``.
+        force: Run ``"exact"`` whatever the model size.
+
+    Returns:
+        NumPy arrays shaped and ordered like ``model.trainable_variables``.
+    """
+    if method not in ("exact", "hutchinson"):
+        raise ValueError(
+            "`method` must be 'exact' or 'hutchinson'. Received: "
+            f"method={method!r}"
+        )
+    x, y, sample_weight = _prepare(model, x, y, sample_weight)
+    layout = weight_layout(model)
+    if method == "exact" and layout.num_weights > max_weights and not force:
+        raise ValueError(
+            f"The model has {layout.num_weights} trainable weights, more than "
+            f"`max_weights`={max_weights}: the exact Hessian diagonal costs "
+            "one Hessian-vector product per weight. Pass force=True to run it "
+            "anyway, or use method='hutchinson' / `hessian_trace`."
+        )
+    hvp = seht_backend.get().HessianVectorProduct(
+        model, x, y, sample_weight, training
+    )
+    if method == "exact":
+        return [keras.ops.convert_to_numpy(d) for d in hvp.diagonal()]
+    samples = _check_positive_int("samples", samples)
+    seed_generator = keras.random.SeedGenerator(seed)
+    dtype = model.trainable_variables[0].dtype
+    total = [np.zeros(shape, "float64") for shape in layout.shapes]
+    for _ in range(samples):
+        sigma = SEHTH().sample_probes(layout, seed_generator, dtype)
+        h_sigma = hvp(sigma)
+        for i, (s, h) in enumerate(zip(sigma, h_sigma)):
+            total[i] += keras.ops.convert_to_numpy(s * h)
+    return [(t / samples).astype("float32") for t in total]
+
+
+def exact_hessian_trace(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any = None,
+    training: bool = False,
+    max_weights: int = MAX_EXACT_WEIGHTS,
+    force: bool = False,
+) -> float:
+    """The exact trace of the loss Hessian: the sum of its diagonal.
+
+    The reference the estimators are tested against. It costs one
+    Hessian-vector product per trainable weight (computed in batches), so
+    it refuses models with more than ``max_weights`` weights unless
+    ``force=True``.
+
+    Args:
+        model: A compiled Keras model.
+        x, y: One batch.
+        sample_weight: Optional per-sample loss weights.
+        training: Run the forward pass in training mode.
+        max_weights: Size limit (default 20,000 weights).
+        force: Run whatever the model size.
+
+    Returns:
+        The trace as a float.
+    """
+    diagonal = hessian_diagonal(
+        model, x, y, method="exact", sample_weight=sample_weight,
+        training=training, max_weights=max_weights, force=force,
+    )
+    return float(sum(np.sum(d, dtype="float64") for d in diagonal))

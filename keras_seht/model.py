@@ -1,0 +1,277 @@
+"""Keras models that accept ``compile(seht=...)``.
+
+`Model` and `Sequential` are drop-in replacements for ``keras.Model`` and
+``keras.Sequential``; `wrap` turns an existing functional or Sequential
+model (``keras.applications`` included) into one, sharing its layers and
+weights. With ``seht=None`` they train exactly like plain Keras.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import keras
+
+from keras_seht import _keras_compat as compat
+from keras_seht import backend as seht_backend
+from keras_seht import regularizers
+from keras_seht.estimators import CurvatureEstimator
+from keras_seht.layout import WeightLayout, weight_layout
+
+SEHT_LOG_KEYS = ("seht_trace", "seht_skipped")
+
+
+class SEHTTrainer:
+    """Mixin adding ``compile(seht=...)`` to a Keras model class.
+
+    Adds two entries to the training logs (and the progress bar):
+    ``seht_trace``, the epoch mean of the estimate t before it is scaled by
+    ``strength``, and ``seht_skipped``, the number of steps in the epoch
+    whose estimate was NaN/Inf and whose penalty was therefore left out
+    (those steps apply the plain loss gradient). ``loss`` is the total
+    objective L + strength * t, as Keras logs weight regularization.
+    """
+
+    def _seht_setup(self) -> None:
+        # Created before the model is built so that the JAX backend threads
+        # the seed state through its compiled step like any other state.
+        self.seht_seed_generator = keras.random.SeedGenerator(
+            name="seht_seed_generator"
+        )
+        object.__setattr__(self, "_seht", None)
+        object.__setattr__(self, "_seht_layout", None)
+        object.__setattr__(self, "_seht_trackers", None)
+        object.__setattr__(self, "_seht_warned", False)
+
+    @property
+    def seht(self) -> CurvatureEstimator | None:
+        """The curvature estimator given to ``compile``, or None."""
+        return getattr(self, "_seht", None)
+
+    @property
+    def seht_layout(self) -> WeightLayout:
+        """Trainable variables grouped by layer (computed once per compile)."""
+        if self._seht_layout is None:
+            object.__setattr__(self, "_seht_layout", weight_layout(self))
+        return self._seht_layout
+
+    def compile(self, *args: Any, seht: Any = None, **kwargs: Any) -> None:
+        """Configures the model for training, with an optional SEHT penalty.
+
+        Takes every argument of ``keras.Model.compile``, plus:
+
+        Args:
+            seht: None (plain Keras training), an estimator such as
+                ``SEHTD(p=0.01)``, a registered name (``"seht_d"``,
+                ``"seht_h"``), or a config dict
+                (``{"class_name": "seht_d", "config": {"p": 0.05}}``).
+        """
+        estimator = regularizers.get(seht)
+        if estimator is not None:
+            compat.check_model(self)
+            seht_backend.get()  # fail early on an unsupported backend
+            if self.built and not self.trainable_variables:
+                raise ValueError(
+                    "`seht` was given for a model with no trainable weights: "
+                    "there is no Hessian to regularize. Pass seht=None."
+                )
+        super().compile(*args, **kwargs)  # type: ignore[misc]
+        object.__setattr__(self, "_seht", estimator)
+        object.__setattr__(self, "_seht_layout", None)
+        object.__setattr__(self, "_seht_warned", False)
+        if estimator is None:
+            object.__setattr__(self, "_seht_trackers", None)
+            return
+        object.__setattr__(
+            self,
+            "_seht_trackers",
+            (
+                keras.metrics.Mean(name="seht_trace"),
+                keras.metrics.Sum(name="seht_skipped"),
+            ),
+        )
+        if (
+            keras.config.backend() == "torch"
+            and estimator.needs_double_backward
+            and self.jit_compile
+        ):
+            warnings.warn(
+                "`jit_compile=True` is not supported with SEHT on the torch "
+                "backend (torch.compile cannot trace a double backward); "
+                "using jit_compile=False.",
+                stacklevel=2,
+            )
+            self.jit_compile = False
+
+    @property
+    def metrics(self) -> list[Any]:
+        metrics = list(super().metrics)  # type: ignore[misc]
+        if self.seht is not None and self._seht_trackers is not None:
+            metrics.extend(self._seht_trackers)
+        return metrics
+
+    def update_seht_trackers(self, trace: Any, finite: Any) -> None:
+        """Records one step's estimate (if finite) and skip count."""
+        trace_tracker, skipped_tracker = self._seht_trackers
+        if isinstance(finite, bool):
+            if finite:
+                trace_tracker.update_state(trace)
+            skipped_tracker.update_state(0.0 if finite else 1.0)
+            return
+        weight = keras.ops.cast(finite, "float32")
+        safe = keras.ops.where(finite, trace, keras.ops.zeros_like(trace))
+        trace_tracker.update_state(safe, sample_weight=weight)
+        skipped_tracker.update_state(1.0 - weight)
+
+    def warn_skipped_once(self) -> None:
+        """Warns (once per compile) that a non-finite estimate was skipped."""
+        if not self._seht_warned:
+            object.__setattr__(self, "_seht_warned", True)
+            warnings.warn(
+                "The SEHT trace estimate was NaN/Inf; the penalty was left "
+                "out of this step's update (the weights only received the "
+                "plain loss gradient). Such steps are counted in the "
+                "`seht_skipped` log entry. Consider a smaller learning rate "
+                "or `strength`.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def train_step(self, *args: Any) -> Any:
+        if self.seht is None:
+            return super().train_step(*args)  # type: ignore[misc]
+        if not self.trainable_variables:
+            raise ValueError(
+                "`seht` was given for a model with no trainable weights: "
+                "there is no Hessian to regularize. Recompile with seht=None."
+            )
+        return seht_backend.get().train_step(self, *args)
+
+    def test_step(self, *args: Any) -> Any:
+        result = super().test_step(*args)  # type: ignore[misc]
+        if self.seht is None:
+            return result
+        if isinstance(result, tuple):
+            logs, state = result
+            return _drop_seht_logs(logs), state
+        return _drop_seht_logs(result)
+
+    def get_compile_config(self) -> dict[str, Any]:
+        config = super().get_compile_config()  # type: ignore[misc]
+        if config and self.seht is not None:
+            config["seht"] = regularizers.serialize(self.seht)
+        return config
+
+    def compile_from_config(self, config: dict[str, Any]) -> None:
+        config = dict(config)
+        seht = config.pop("seht", None)
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(
+            **config, seht=None if seht is None else regularizers.get(seht)
+        )
+        if getattr(self, "optimizer", None) is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+
+def _drop_seht_logs(logs: Any) -> Any:
+    if isinstance(logs, dict):
+        return {k: v for k, v in logs.items() if k not in SEHT_LOG_KEYS}
+    return logs
+
+
+@keras.saving.register_keras_serializable(package="keras_seht")
+class Model(SEHTTrainer, keras.Model):
+    """A ``keras.Model`` whose ``compile`` accepts ``seht=``.
+
+    Works in both styles, like ``keras.Model``: functional
+    (``keras_seht.Model(inputs, outputs)``) and subclassed (subclass it and
+    define ``call``).
+
+    Example:
+
+    >>> import keras, keras_seht
+    >>> inputs = keras.Input((4,))
+    >>> outputs = keras.layers.Dense(3, activation="softmax")(inputs)
+    >>> model = keras_seht.Model(inputs, outputs)
+    >>> model.compile("sgd", "sparse_categorical_crossentropy",
+    ...               seht=keras_seht.SEHTD(p=0.05))
+    >>> model.seht.p
+    0.05
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._seht_setup()
+        super().__init__(*args, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="keras_seht")
+class Sequential(SEHTTrainer, keras.Sequential):
+    """A ``keras.Sequential`` whose ``compile`` accepts ``seht=``.
+
+    Example:
+
+    >>> import keras, keras_seht
+    >>> model = keras_seht.Sequential([
+    ...     keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    >>> model.compile("sgd", "sparse_categorical_crossentropy", seht="seht_h")
+    >>> type(model.seht).__name__
+    'SEHTH'
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._seht_setup()
+        super().__init__(*args, **kwargs)
+
+
+def wrap(model: keras.Model) -> Model | Sequential:
+    """Returns a keras-seht model sharing the layers and weights of `model`.
+
+    Args:
+        model: A functional ``keras.Model`` (``keras.applications`` models
+            included) or a ``keras.Sequential``. Subclassed models cannot be
+            rebuilt from outside: derive them from ``keras_seht.Model``
+            instead.
+
+    Returns:
+        A `keras_seht.Model` (functional input) or `keras_seht.Sequential`,
+        uncompiled; `model` itself if it already is one.
+
+    Example:
+
+    >>> import keras, keras_seht
+    >>> base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> wrapped = keras_seht.wrap(base)
+    >>> wrapped.layers[-1] is base.layers[-1]
+    True
+    """
+    if isinstance(model, SEHTTrainer):
+        return model
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "`model` must be a keras.Model. Received: "
+            f"model={type(model).__name__}"
+        )
+    if isinstance(model, keras.Sequential):
+        layers: list[Any] = list(model.layers)
+        inputs = _functional_inputs(model)
+        if inputs is not None:
+            spec = keras.tree.flatten(inputs)[0]
+            layers = [
+                keras.Input(batch_shape=spec.shape, dtype=spec.dtype)
+            ] + layers
+        return Sequential(layers, name=model.name)
+    if _functional_inputs(model) is None:
+        raise TypeError(
+            f"Cannot wrap the subclassed model {type(model).__name__!r}: only "
+            "functional and Sequential models can be rebuilt. Make the class "
+            "derive from `keras_seht.Model` instead of `keras.Model`."
+        )
+    return Model(inputs=model.input, outputs=model.output, name=model.name)
+
+
+def _functional_inputs(model: keras.Model) -> Any:
+    try:
+        return model.input
+    except (AttributeError, ValueError):
+        return None
