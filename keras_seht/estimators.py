@@ -44,8 +44,7 @@ def _check_max_iter(max_iter: Any) -> int:
         )
     if max_iter < 1:
         raise ValueError(
-            f"`max_iter` must be an integer >= 1. Received: max_iter="
-            f"{max_iter}"
+            f"`max_iter` must be an integer >= 1. Received: max_iter={max_iter}"
         )
     return int(max_iter)
 
@@ -227,7 +226,8 @@ class SEHTD(CurvatureEstimator):
 
     .. math::
 
-        E[\sigma^\top H \sigma] = \sum_l \pi_l \, 2p \, \operatorname{tr}(H_{ll}).
+        E[\sigma^\top H \sigma]
+            = \sum_l \pi_l \, 2p \, \operatorname{tr}(H_{ll}).
 
     With ``unbiased=True`` each drawn layer's probe is scaled by
     :math:`1/\sqrt{\pi_l \cdot 2p}`, so that :math:`E[t] = \operatorname{tr}(H)`

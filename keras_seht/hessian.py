@@ -49,7 +49,9 @@ def _prepare(model: keras.Model, x: Any, y: Any, sample_weight: Any):
 
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"`{name}` must be an integer >= 1. Received: {value!r}")
+        raise ValueError(
+            f"`{name}` must be an integer >= 1. Received: {value!r}"
+        )
     if value < 1:
         raise ValueError(f"`{name}` must be an integer >= 1. Received: {value}")
     return int(value)
@@ -226,7 +228,13 @@ def exact_hessian_trace(
         The trace as a float.
     """
     diagonal = hessian_diagonal(
-        model, x, y, method="exact", sample_weight=sample_weight,
-        training=training, max_weights=max_weights, force=force,
+        model,
+        x,
+        y,
+        method="exact",
+        sample_weight=sample_weight,
+        training=training,
+        max_weights=max_weights,
+        force=force,
     )
     return float(sum(np.sum(d, dtype="float64") for d in diagonal))

@@ -130,13 +130,25 @@ class SEHTTrainer:
             object.__setattr__(self, "_seht_warned", True)
             warnings.warn(
                 "The SEHT trace estimate was NaN/Inf; the penalty was left "
-                "out of this step's update (the weights only received the "
+                "out of that step's update (the weights only received the "
                 "plain loss gradient). Such steps are counted in the "
                 "`seht_skipped` log entry. Consider a smaller learning rate "
                 "or `strength`.",
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        if self.seht is not None:
+            # `callbacks` is fit's sixth positional parameter.
+            if len(args) > 5:
+                args = list(args)
+                args[5] = _with_skip_warning(self, args[5])
+            else:
+                kwargs["callbacks"] = _with_skip_warning(
+                    self, kwargs.get("callbacks")
+                )
+        return super().fit(*args, **kwargs)  # type: ignore[misc]
 
     def train_step(self, *args: Any) -> Any:
         if self.seht is None:
@@ -172,6 +184,31 @@ class SEHTTrainer:
         )
         if getattr(self, "optimizer", None) is not None and self.built:
             self.optimizer.build(self.trainable_variables)
+
+
+class _SkipWarning(keras.callbacks.Callback):
+    """Turns a non-zero ``seht_skipped`` log entry into a warning (once).
+
+    Compiled train steps (JAX, TensorFlow) cannot warn from inside, so the
+    skip count travels in the logs and is checked here, on every backend.
+    """
+
+    def __init__(self, seht_model: SEHTTrainer) -> None:
+        super().__init__()
+        self._seht_model = seht_model
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        skipped = (logs or {}).get("seht_skipped")
+        if skipped is not None and float(skipped) > 0:
+            self._seht_model.warn_skipped_once()
+
+
+def _with_skip_warning(model: SEHTTrainer, callbacks: Any) -> Any:
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        return callbacks
+    callbacks = list(callbacks or [])
+    callbacks.append(_SkipWarning(model))
+    return callbacks
 
 
 def _drop_seht_logs(logs: Any) -> Any:

@@ -34,9 +34,7 @@ def _snake_case(name: str) -> str:
 
 
 ALL_OBJECTS_DICT: dict[str, type] = {cls.__name__: cls for cls in ALL_OBJECTS}
-ALL_OBJECTS_DICT.update(
-    {_snake_case(cls.__name__): cls for cls in ALL_OBJECTS}
-)
+ALL_OBJECTS_DICT.update({_snake_case(cls.__name__): cls for cls in ALL_OBJECTS})
 ALL_OBJECTS_DICT.update(ALIASES)
 
 
@@ -88,10 +86,14 @@ def deserialize(
         ) from e
 
 
+def _class_names() -> str:
+    return ", ".join(sorted(c.__name__ for c in ALL_OBJECTS))
+
+
 def _unknown(name: str) -> str:
     return (
         f"Unknown `seht` name: {name!r}. Allowed names: {_known_names()} "
-        f"(or a class name: {', '.join(sorted(c.__name__ for c in ALL_OBJECTS))})."
+        f"(or a class name: {_class_names()})."
     )
 
 

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import keras
 
-SUPPORTED_BACKENDS = ("torch",)
+SUPPORTED_BACKENDS = ("torch", "jax", "tensorflow")
 
 
 def get() -> ModuleType:

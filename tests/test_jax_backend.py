@@ -1,0 +1,374 @@
+"""The JAX train step and HVP (``keras_seht/backend/jax.py``).
+
+The update is checked against an independent plain-JAX computation: a
+hand-written ``jnp`` MLP with the model's weights, whose Hessian comes from
+``jax.hessian`` of the flattened weight vector (no Keras, no keras_seht).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+
+if keras.config.backend() != "jax":
+    pytest.skip("JAX backend tests", allow_module_level=True)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import keras_seht  # noqa: E402
+from keras_seht import backend as seht_backend  # noqa: E402
+from keras_seht.estimators import CurvatureEstimator  # noqa: E402
+
+L2 = 0.05
+STRENGTH = 0.1
+
+
+class FixedProbes(CurvatureEstimator):
+    """Returns the given probes, in turn (one per ``sample_probes`` call)."""
+
+    def __init__(self, probes: list[list[np.ndarray]], strength: float):
+        super().__init__(max_iter=len(probes), strength=strength)
+        self.probes = probes
+        self._calls = 0
+
+    def sample_probes(self, layout, seed=None, dtype="float32"):
+        probe = self.probes[self._calls % len(self.probes)]
+        self._calls += 1
+        return [keras.ops.convert_to_tensor(p, dtype) for p in probe]
+
+    def layer_weights(self, layout):
+        return [1.0] * layout.num_layers
+
+
+def _data(n: int = 8, d: int = 4, k: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype("float32")
+    y = rng.integers(0, k, size=(n,)).astype("int32")
+    return x, y
+
+
+def _regularized_mlp() -> keras.Model:
+    return keras_seht.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(
+                3,
+                activation="tanh",
+                kernel_regularizer=keras.regularizers.L2(L2),
+            ),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+
+
+#: Shapes of the trainable weights of `_regularized_mlp`, in model order.
+MLP_SHAPES = ((4, 3), (3,), (3, 3), (3,))
+
+
+def _flatten(arrays) -> jax.Array:
+    return jnp.concatenate([jnp.ravel(jnp.asarray(a)) for a in arrays])
+
+
+def _reference_loss(theta, x, y):
+    """`_regularized_mlp`'s compiled loss, written out in jnp."""
+    weights, offset = [], 0
+    for shape in MLP_SHAPES:
+        size = int(np.prod(shape))
+        weights.append(theta[offset : offset + size].reshape(shape))
+        offset += size
+    w1, b1, w2, b2 = weights
+    probs = jax.nn.softmax(jnp.tanh(x @ w1 + b1) @ w2 + b2)
+    nll = -jnp.log(probs[jnp.arange(y.shape[0]), y])
+    return jnp.mean(nll) + L2 * jnp.sum(w1**2)
+
+
+@jax.jit
+def _reference_objective(theta, x, y, sigmas):
+    """(grad of L + s*t, L, t), t = mean_k sigma_k^T H sigma_k."""
+
+    def trace(th):
+        hessian = jax.hessian(_reference_loss)(th, x, y)
+        return jnp.mean(jnp.einsum("ki,ij,kj->k", sigmas, hessian, sigmas))
+
+    grad = jax.grad(
+        lambda th: _reference_loss(th, x, y) + STRENGTH * trace(th)
+    )(theta)
+    return grad, _reference_loss(theta, x, y), trace(theta)
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_update_matches_plain_jax(jit_compile):
+    x, y = _data()
+    model = _regularized_mlp()
+    rng = np.random.default_rng(1)
+    probes = [
+        [
+            rng.choice([-1.0, 1.0], size=v.shape).astype("float32")
+            for v in model.trainable_variables
+        ]
+        for _ in range(2)
+    ]
+    probes[1][0][:] = 0.0  # a sparse probe, as SEHT-D draws
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=1.0),
+        loss="sparse_categorical_crossentropy",
+        seht=FixedProbes(probes, strength=STRENGTH),
+        jit_compile=jit_compile,
+    )
+    before = [np.asarray(v.value) for v in model.trainable_variables]
+    grad, loss, trace = _reference_objective(
+        _flatten(before), x, y, jnp.stack([_flatten(p) for p in probes])
+    )
+    grad, loss, trace = np.asarray(grad), float(loss), float(trace)
+
+    logs = model.train_on_batch(x, y, return_dict=True)
+
+    after = np.concatenate(
+        [np.ravel(v.value) for v in model.trainable_variables]
+    )
+    expected = np.concatenate([np.ravel(w) for w in before]) - grad
+    np.testing.assert_allclose(after, expected, rtol=1e-4, atol=1e-6)
+    assert logs["seht_trace"] == pytest.approx(trace, rel=1e-4)
+    assert logs["loss"] == pytest.approx(loss + STRENGTH * trace, rel=1e-5)
+    assert logs["seht_skipped"] == 0.0
+
+
+def test_non_finite_trace_applies_plain_gradient():
+    x, y = _data()
+    model = _regularized_mlp()
+    probe = [
+        np.full(v.shape, np.inf, "float32") for v in model.trainable_variables
+    ]
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=1.0),
+        loss="sparse_categorical_crossentropy",
+        seht=FixedProbes([probe], strength=STRENGTH),
+    )
+    theta = _flatten([v.value for v in model.trainable_variables])
+    grad = np.asarray(jax.jit(jax.grad(_reference_loss))(theta, x, y))
+    loss = float(_reference_loss(theta, x, y))
+
+    logs = model.train_on_batch(x, y, return_dict=True)
+
+    after = _flatten([v.value for v in model.trainable_variables])
+    np.testing.assert_allclose(after, theta - grad, rtol=1e-5, atol=1e-7)
+    assert logs["seht_skipped"] == 1.0
+    assert logs["loss"] == pytest.approx(loss, rel=1e-6)
+
+
+def _bn_model() -> keras.Model:
+    return keras_seht.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(5),
+            keras.layers.BatchNormalization(momentum=0.5),
+            keras.layers.Activation("tanh"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+
+
+def test_batchnorm_statistics_update_once():
+    x, y = _data(n=16)
+    seht_model, plain = _bn_model(), _bn_model()
+    plain.set_weights(seht_model.get_weights())
+    seht_model.compile(
+        "sgd",
+        "sparse_categorical_crossentropy",
+        seht=keras_seht.SEHTH(max_iter=2),
+    )
+    plain.compile("sgd", "sparse_categorical_crossentropy")
+    seht_model.train_on_batch(x, y)
+    plain.train_on_batch(x, y)
+    bn_seht, bn_plain = seht_model.layers[1], plain.layers[1]
+    for name in ("moving_mean", "moving_variance"):
+        got = np.asarray(getattr(bn_seht, name).value)
+        want = np.asarray(getattr(bn_plain, name).value)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(np.asarray(bn_seht.moving_mean.value), 0.0)
+
+
+class _BatchTraces(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.traces: list[float] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.traces.append(float(logs["seht_trace"]))
+
+
+def _seeded_run(seed: int) -> tuple[dict[str, Any], list[float]]:
+    keras.utils.set_random_seed(seed)
+    x, y = _data(n=32)
+    model = keras_seht.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(6, activation="tanh"),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model.compile(
+        keras.optimizers.SGD(0.1),
+        "sparse_categorical_crossentropy",
+        seht=keras_seht.SEHTD(p=0.3, strength=1e-2),
+    )
+    traces = _BatchTraces()
+    history = model.fit(
+        x, y, epochs=1, batch_size=8, verbose=0, callbacks=[traces]
+    )
+    return history.history, traces.traces
+
+
+def test_same_seed_same_history():
+    history_a, traces_a = _seeded_run(7)
+    keras.backend.clear_session()
+    history_b, traces_b = _seeded_run(7)
+    assert history_a == history_b
+    assert traces_a == traces_b
+
+
+def test_probes_are_fresh_every_step():
+    """With a zero learning rate only the probes can change the trace."""
+    x, y = _data()
+    model = _regularized_mlp()
+    model.compile(
+        keras.optimizers.SGD(0.0),
+        "sparse_categorical_crossentropy",
+        seht=keras_seht.SEHTH(),
+    )
+    traces = [
+        model.train_on_batch(x, y, return_dict=True)["seht_trace"]
+        for _ in range(3)
+    ]
+    assert len(set(traces)) == 3
+
+
+def test_hvp_matches_jax_hessian():
+    x, y = _data()
+    model = _regularized_mlp()
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    weights = [np.asarray(v.value) for v in model.trainable_variables]
+    hvp = seht_backend.get().HessianVectorProduct(model, x, y)
+    before = [np.asarray(v.value) for v in model.variables]
+
+    rng = np.random.default_rng(3)
+    vec = [rng.normal(size=w.shape).astype("float32") for w in weights]
+    flat = np.asarray(_flatten(vec))
+    theta = _flatten(weights)
+    hessian = np.asarray(jax.jit(jax.hessian(_reference_loss))(theta, x, y))
+    loss = float(_reference_loss(theta, x, y))
+    got = np.concatenate([np.ravel(h) for h in hvp(vec)])
+    np.testing.assert_allclose(got, hessian @ flat, rtol=1e-4, atol=1e-6)
+    assert hvp.quadratic_form(vec) == pytest.approx(
+        float(flat @ hessian @ flat), rel=1e-4
+    )
+    assert hvp.loss == pytest.approx(loss, rel=1e-6)
+    diag = np.concatenate([np.ravel(d) for d in hvp.diagonal(chunk_size=7)])
+    np.testing.assert_allclose(diag, np.diag(hessian), rtol=1e-4, atol=1e-6)
+    for b, v in zip(before, model.variables):
+        np.testing.assert_array_equal(b, np.asarray(v.value))
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_trains(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    x, y = _data(n=32)
+    model = _regularized_mlp()
+    model.compile(
+        keras.optimizers.SGD(0.05),
+        "sparse_categorical_crossentropy",
+        seht=keras_seht.SEHTH(max_iter=2, strength=1e-2),
+    )
+    with warnings.catch_warnings():
+        # mixed_float16 starts with a loss scale (2**15) at which the
+        # scaled HVP overflows: those first steps are skipped (and warned
+        # about) while the LossScaleOptimizer lowers its scale.
+        warnings.filterwarnings("ignore", "The SEHT trace", RuntimeWarning)
+        history = model.fit(x, y, epochs=3, batch_size=8, verbose=0)
+    logs = history.history
+    assert np.all(np.isfinite(logs["loss"]))
+    assert np.isfinite(logs["seht_trace"][-1])
+    assert logs["seht_skipped"][-1] == 0.0
+
+
+_DATA_PARALLEL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, keras, numpy as np
+    import keras_seht
+
+    def run(distributed):
+        if distributed:
+            keras.distribution.set_distribution(
+                keras.distribution.DataParallel(devices=jax.devices())
+            )
+        keras.utils.set_random_seed(3)
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(32, 4)).astype("float32")
+        y = rng.integers(0, 3, size=(32,)).astype("int32")
+        model = keras_seht.Sequential([
+            keras.Input((4,)),
+            keras.layers.Dense(6, activation="tanh"),
+            keras.layers.Dense(3, activation="softmax"),
+        ])
+        model.compile(
+            keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy",
+            seht=keras_seht.SEHTH(max_iter=2, strength=1e-2),
+        )
+        history = model.fit(
+            x, y, epochs=2, batch_size=16, shuffle=False, verbose=0
+        )
+        if distributed:  # the state really lives on both devices
+            devices = model.trainable_variables[0].value.sharding.device_set
+            assert len(devices) == 2, devices
+        weights = [np.asarray(w).tolist() for w in model.get_weights()]
+        return {"history": history.history, "weights": weights}
+
+    assert len(jax.devices()) == 2, jax.devices()
+    single = run(False)
+    parallel = run(True)
+    print("RESULT" + json.dumps({"single": single, "parallel": parallel}))
+    """
+)
+
+
+def test_data_parallel_matches_single_device(tmp_path):
+    script = tmp_path / "data_parallel.py"
+    script.write_text(_DATA_PARALLEL_SCRIPT)
+    env = dict(os.environ)
+    env["KERAS_BACKEND"] = "jax"
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(
+        ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")
+    )
+    result = json.loads(line[len("RESULT") :])
+    single, parallel = result["single"], result["parallel"]
+    assert single["history"].keys() == parallel["history"].keys()
+    for key in ("loss", "seht_trace"):
+        np.testing.assert_allclose(
+            parallel["history"][key], single["history"][key], rtol=1e-4
+        )
+    for w_single, w_parallel in zip(single["weights"], parallel["weights"]):
+        np.testing.assert_allclose(w_parallel, w_single, rtol=1e-4, atol=1e-6)

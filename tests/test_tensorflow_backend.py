@@ -1,0 +1,286 @@
+"""The TensorFlow SEHT train step and HVP, against independent references.
+
+Runs only under ``KERAS_BACKEND=tensorflow``. The reference gradients come
+from ``tests/reference.py``: three nested ``tf.GradientTape``s around the
+stateless compiled loss, recomputed from scratch for a given probe.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+if keras.config.backend() != "tensorflow":
+    pytest.skip(
+        "TensorFlow-backend tests (set KERAS_BACKEND=tensorflow)",
+        allow_module_level=True,
+    )
+
+import tensorflow as tf  # noqa: E402
+from conftest import image_data, make_data, tanh_mlp, tiny_cnn  # noqa: E402
+from reference import (  # noqa: E402
+    finite_difference_diagonal,
+    loss_fn,
+    loss_gradient,
+    objective_gradient,
+)
+
+import keras_seht  # noqa: E402
+from keras_seht.backend import tensorflow as tf_backend  # noqa: E402
+from keras_seht.estimators import CurvatureEstimator  # noqa: E402
+
+STRENGTH = 0.1
+
+
+class FixedProbes(CurvatureEstimator):
+    """Returns the given probes, in turn, instead of random ones."""
+
+    def __init__(self, probes, strength=STRENGTH):
+        super().__init__(max_iter=len(probes), strength=strength)
+        self.probes = [[np.asarray(s, "float32") for s in p] for p in probes]
+        self._next = 0
+
+    def sample_probes(self, layout, seed=None, dtype="float32"):
+        probe = self.probes[self._next % len(self.probes)]
+        self._next += 1
+        return [keras.ops.convert_to_tensor(s, dtype) for s in probe]
+
+
+def _weights(model):
+    return [np.asarray(v.numpy(), "float64") for v in model.trainable_weights]
+
+
+def _probes(model, seed=0):
+    """A sparse SEHT-D-like probe (first layer off) and a Rademacher one."""
+    rng = np.random.default_rng(seed)
+    shapes = [tuple(v.shape) for v in model.trainable_weights]
+    sparse = [rng.choice([-1.0, 0.0, 1.0], size=s) for s in shapes]
+    sparse[0] = np.zeros(shapes[0])
+    dense = [rng.choice([-1.0, 1.0], size=s) for s in shapes]
+    return [sparse, dense]
+
+
+def _regularized_mlp():
+    return tanh_mlp(kernel_regularizer=keras.regularizers.l2(0.05))
+
+
+def _check_update(model, x, y, probes, **compile_kwargs):
+    """One step with SGD(1) moves w by -grad[L + strength * mean_k t_k]."""
+    model.compile(
+        optimizer=compile_kwargs.pop("optimizer", keras.optimizers.SGD(1.0)),
+        loss="sparse_categorical_crossentropy",
+        seht=FixedProbes(probes),
+        **compile_kwargs,
+    )
+    before = _weights(model)
+    references = [
+        objective_gradient(model, x, y, p, STRENGTH, training=True)
+        for p in probes
+    ]
+    loss = references[0][0]
+    trace = float(np.mean([t for _, t, _ in references]))
+    expected = [
+        np.mean([grads[i] for _, _, grads in references], axis=0)
+        for i in range(len(before))
+    ]
+    logs = model.train_on_batch(x, y, return_dict=True)
+    after = _weights(model)
+    plain = loss_gradient(model, x, y, before, training=True)
+    for w0, w1, g, g_plain in zip(before, after, expected, plain):
+        np.testing.assert_allclose(w0 - w1, g, rtol=1e-4, atol=1e-6)
+        assert not np.allclose(g, g_plain, rtol=1e-3)  # the penalty counts
+    np.testing.assert_allclose(logs["seht_trace"], trace, rtol=1e-4)
+    np.testing.assert_allclose(logs["loss"], loss + STRENGTH * trace, rtol=1e-5)
+    assert logs["seht_skipped"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "mode", ["graph", "eager", "xla"], ids=["graph", "eager", "xla"]
+)
+def test_update_matches_independent_gradient(mode):
+    model = _regularized_mlp()
+    x, y = make_data()
+    kwargs = {
+        "graph": {"jit_compile": False},
+        "eager": {"run_eagerly": True},
+        "xla": {"jit_compile": True},
+    }[mode]
+    _check_update(model, x, y, _probes(model), **kwargs)
+
+
+def test_update_with_loss_scale_optimizer():
+    """The scaled loss is differentiated; the update and logs are not."""
+    model = _regularized_mlp()
+    x, y = make_data()
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(1.0), initial_scale=2.0**10
+    )
+    _check_update(
+        model,
+        x,
+        y,
+        _probes(model)[1:],
+        optimizer=optimizer,
+        jit_compile=False,
+    )
+
+
+def test_non_finite_trace_applies_plain_gradient():
+    model = _regularized_mlp()
+    x, y = make_data()
+    probe = _probes(model)[1]
+    probe[-1] = np.full_like(probe[-1], np.inf)
+    model.compile(
+        optimizer=keras.optimizers.SGD(1.0),
+        loss="sparse_categorical_crossentropy",
+        seht=FixedProbes([probe]),
+        jit_compile=False,
+    )
+    before = _weights(model)
+    plain = loss_gradient(model, x, y, before, training=True)
+    values = [v.value for v in model.trainable_variables]
+    loss = float(loss_fn(model, x, y, training=True)(values))
+    logs = model.train_on_batch(x, y, return_dict=True)
+    for w0, w1, g in zip(before, _weights(model), plain):
+        assert np.all(np.isfinite(w1))
+        np.testing.assert_allclose(w0 - w1, g, rtol=1e-4, atol=1e-6)
+    assert logs["seht_skipped"] == 1.0
+    np.testing.assert_allclose(logs["loss"], loss, rtol=1e-5)
+
+
+def test_batchnorm_statistics_match_plain_step():
+    x, y = image_data()
+    seht_model, plain_model = tiny_cnn(), tiny_cnn()
+    plain_model.set_weights(seht_model.get_weights())
+    seht_model.compile(
+        "sgd",
+        "sparse_categorical_crossentropy",
+        seht=keras_seht.SEHTH(strength=0.1),
+        jit_compile=False,
+    )
+    plain_model.compile("sgd", "sparse_categorical_crossentropy")
+    initial = [v.numpy().copy() for v in seht_model.non_trainable_weights]
+    seht_model.train_on_batch(x, y)
+    plain_model.train_on_batch(x, y)
+    seht_stats = seht_model.non_trainable_weights
+    plain_stats = plain_model.non_trainable_weights
+    assert len(seht_stats) == len(plain_stats) == 2
+    for a, b, c in zip(seht_stats, plain_stats, initial):
+        assert not np.allclose(a.numpy(), c)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+
+
+def _history(seed):
+    keras.utils.set_random_seed(seed)
+    model = tanh_mlp()
+    model.compile(
+        "sgd",
+        "sparse_categorical_crossentropy",
+        seht=keras_seht.SEHTD(p=0.25, strength=0.05),
+        jit_compile=False,
+    )
+    x, y = make_data(n=32)
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0).history
+    return history, _weights(model)
+
+
+def test_same_seed_same_history():
+    history_a, weights_a = _history(7)
+    history_b, weights_b = _history(7)
+    assert history_a == history_b
+    for a, b in zip(weights_a, weights_b):
+        np.testing.assert_array_equal(a, b)
+    assert all(np.isfinite(history_a["loss"]))
+    assert history_a["seht_trace"][0] != history_a["seht_trace"][1]
+
+
+def test_mixed_float16_trains():
+    keras.config.set_dtype_policy("mixed_float16")
+    model = tiny_cnn()
+    model.compile(
+        "sgd",
+        "sparse_categorical_crossentropy",
+        seht=keras_seht.SEHTH(strength=0.01),
+        jit_compile=False,
+    )
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    x, y = image_data()
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0).history
+    assert np.all(np.isfinite(history["loss"]))
+    assert np.all(np.isfinite(history["seht_trace"]))
+
+
+def _hessian(model, x, y, training=False):
+    """The full Hessian of the stateless loss, by tape.jacobian."""
+    values = [tf.Variable(v.value) for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    x, y, _ = keras_seht.functional.as_tensors(x, y, None)
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            loss, _, _ = keras_seht.functional.stateless_loss(
+                model, values, non_trainable, x, y, None, training
+            )
+        grads = inner.gradient(loss, values)
+        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+    rows = outer.jacobian(flat, values)
+    return tf.concat(
+        [tf.reshape(r, [flat.shape[0], -1]) for r in rows], 1
+    ).numpy()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_hessian_vector_product(training):
+    model = tiny_cnn()
+    x, y = image_data()
+    model.compile(loss="sparse_categorical_crossentropy")
+    before = [v.numpy().copy() for v in model.variables]
+    hvp = tf_backend.HessianVectorProduct(model, x, y, training=training)
+    hessian = _hessian(model, x, y, training)
+    rng = np.random.default_rng(0)
+    vectors = [
+        rng.normal(size=v.shape).astype("float32")
+        for v in model.trainable_variables
+    ]
+    flat_v = np.concatenate([v.reshape(-1) for v in vectors])
+    product = np.concatenate([np.reshape(h, -1) for h in hvp(vectors)])
+    np.testing.assert_allclose(product, hessian @ flat_v, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        hvp.quadratic_form(vectors), flat_v @ hessian @ flat_v, rtol=1e-4
+    )
+    diagonal = np.concatenate(
+        [np.reshape(d, -1) for d in hvp.diagonal(chunk_size=7)]
+    )
+    np.testing.assert_allclose(diagonal, np.diag(hessian), rtol=1e-4, atol=1e-6)
+    assert isinstance(hvp.loss, float)
+    for a, v in zip(before, model.variables):
+        np.testing.assert_array_equal(a, v.numpy())
+
+
+def test_diagonal_matches_finite_differences():
+    model = tanh_mlp()
+    model.compile(loss="sparse_categorical_crossentropy")
+    x, y = make_data()
+    hvp = tf_backend.HessianVectorProduct(model, x, y)
+    reference = finite_difference_diagonal(model, x, y)
+    for d, r in zip(hvp.diagonal(), reference):
+        np.testing.assert_allclose(d.numpy(), r, atol=2e-3)
+
+
+def test_uniform_is_seeded_like_keras_random():
+    generator_a = keras.random.SeedGenerator(3)
+    generator_b = keras.random.SeedGenerator(3)
+    a1 = tf_backend.uniform((100, 50), seed=generator_a)
+    a2 = tf_backend.uniform((100, 50), seed=generator_a)
+    b1 = tf_backend.uniform((100, 50), seed=generator_b)
+    np.testing.assert_array_equal(a1.numpy(), b1.numpy())
+    assert not np.array_equal(a1.numpy(), a2.numpy())
+    values = a1.numpy()
+    assert values.min() >= 0.0 and values.max() < 1.0
+    assert abs(values.mean() - 0.5) < 0.02
+    fixed = tf_backend.uniform((4,), seed=5).numpy()
+    np.testing.assert_array_equal(fixed, tf_backend.uniform((4,), seed=5))
+    compiled = tf.function(
+        lambda: tf_backend.uniform((10,), seed=generator_a), jit_compile=True
+    )
+    assert compiled().shape == (10,)
