@@ -6,6 +6,14 @@ backward of t = mean(sigma . h) for its gradient. The loss gradient g is
 reused for the update (never recomputed):
 
     update direction = g + strength * dt/dw.
+
+With a loss-scaling optimizer (``LossScaleOptimizer`` under
+``mixed_float16``, or ``loss_scale_factor``) the scaled loss s * L is
+differentiated, as in Keras' own step, so that small float16 gradients do
+not underflow: g, t and dt/dw all come out scaled by s, the optimizer
+unscales the update, and the logged t is divided by s. A non-finite t
+under a ``LossScaleOptimizer`` is treated as an overflow: the optimizer
+gets a non-finite gradient, skips the step and lowers its scale.
 """
 
 from __future__ import annotations
@@ -32,8 +40,10 @@ def _grad(
     """autograd.grad with zeros (not None) for inputs the output ignores."""
     if not output.requires_grad:
         shape = (output.shape[0],) if batched else ()
-        return [torch.zeros(shape + tuple(p.shape), device=p.device,
-                            dtype=p.dtype) for p in inputs]
+        return [
+            torch.zeros(shape + tuple(p.shape), device=p.device, dtype=p.dtype)
+            for p in inputs
+        ]
     grads = torch.autograd.grad(
         output,
         list(inputs),
@@ -47,8 +57,9 @@ def _grad(
     for g, p in zip(grads, inputs):
         if g is None:
             shape = (output.shape[0],) if batched else ()
-            g = torch.zeros(shape + tuple(p.shape), device=p.device,
-                            dtype=p.dtype)
+            g = torch.zeros(
+                shape + tuple(p.shape), device=p.device, dtype=p.dtype
+            )
         out.append(g)
     return out
 
@@ -86,10 +97,13 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
         y_pred = model(x)
     model.zero_grad()
     loss = compat.compute_loss(model, x, y, y_pred, sample_weight, True)
+    one = torch.ones((), dtype=loss.dtype, device=loss.device)
+    scale = torch.as_tensor(model.optimizer.scale_loss(one)).detach()
+    scaled_loss = loss * scale
 
     trainable = model.trainable_weights[:]
     params = [v.value for v in trainable]
-    grads = _grad(loss, params, create_graph=True)
+    grads = _grad(scaled_loss, params, create_graph=True)
     layout = model.seht_layout
     probes = [
         estimator.sample_probes(
@@ -97,28 +111,30 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
         )
         for _ in range(estimator.max_iter)
     ]
-    trace = probe_estimate(grads, params, probes, create_graph=True)
-    trace_value = trace.detach()
+    scaled_trace = probe_estimate(grads, params, probes, create_graph=True)
+    trace_value = scaled_trace.detach() / scale
     finite = bool(torch.isfinite(trace_value))
     if finite:
-        grad_trace = _grad(trace, params, create_graph=False)
+        grad_trace = _grad(scaled_trace, params, create_graph=False)
         gradients = [
             g.detach() + estimator.strength * gt
             for g, gt in zip(grads, grad_trace)
         ]
         total = loss.detach() + estimator.strength * trace_value
+    elif isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
+        # An overflow of the scaled HVP: a non-finite gradient makes the
+        # optimizer skip the step and lower its scale, as for any overflow.
+        gradients = [torch.full_like(g, float("nan")) for g in grads]
+        total = loss.detach()
     else:
         gradients = [g.detach() for g in grads]
         total = loss.detach()
-        model.warn_skipped_once()
-    del grads, trace, probes
+    del grads, scaled_trace, probes
 
-    batch_size = next(
-        i for i in keras.tree.flatten(x) if i is not None
-    ).shape[0]
+    first_input = next(i for i in keras.tree.flatten(x) if i is not None)
+    batch_size = first_input.shape[0]
     compat.loss_tracker(model).update_state(total, sample_weight=batch_size)
     model.update_seht_trackers(trace_value, finite)
-    gradients = [model.optimizer.scale_loss(g) for g in gradients]
     with torch.no_grad():
         model.optimizer.apply(gradients, trainable)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
@@ -147,7 +163,12 @@ class HessianVectorProduct:
         non_trainable = [v.value for v in model.non_trainable_variables]
         with torch.enable_grad():
             loss, _, _ = functional.stateless_loss(
-                model, self.params, non_trainable, x, y, sample_weight,
+                model,
+                self.params,
+                non_trainable,
+                x,
+                y,
+                sample_weight,
                 training,
             )
             self.grads = _grad(loss, self.params, create_graph=True)
@@ -172,13 +193,20 @@ class HessianVectorProduct:
             # vmap falls back to a loop for ops without batching rules.
             warnings.simplefilter("ignore")
             for start in range(0, n, chunk_size):
-                idx = torch.arange(start, min(n, start + chunk_size),
-                                   device=flat_grad.device)
-                basis = torch.zeros(len(idx), n, dtype=flat_grad.dtype,
-                                    device=flat_grad.device)
+                idx = torch.arange(
+                    start, min(n, start + chunk_size), device=flat_grad.device
+                )
+                basis = torch.zeros(
+                    len(idx), n, dtype=flat_grad.dtype, device=flat_grad.device
+                )
                 basis[torch.arange(len(idx)), idx] = 1.0
-                rows = _grad(flat_grad, self.params, create_graph=False,
-                             grad_outputs=basis, batched=True)
+                rows = _grad(
+                    flat_grad,
+                    self.params,
+                    create_graph=False,
+                    grad_outputs=basis,
+                    batched=True,
+                )
                 rows_flat = torch.cat(
                     [r.reshape(len(idx), -1) for r in rows], dim=1
                 )
@@ -186,6 +214,6 @@ class HessianVectorProduct:
         out, offset = [], 0
         for p in self.params:
             size = p.numel()
-            out.append(diag[offset:offset + size].reshape(p.shape))
+            out.append(diag[offset : offset + size].reshape(p.shape))
             offset += size
         return out
