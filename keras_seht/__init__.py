@@ -3,9 +3,23 @@
     model.compile(..., seht=keras_seht.SEHTD(p=0.01))
 
 adds a stochastic estimate of the loss Hessian's trace to the loss.
+
+keras-seht's default Keras backend is torch: importing ``keras_seht``
+before ``keras``, with ``KERAS_BACKEND`` unset and torch installed, selects
+it. Set ``KERAS_BACKEND=jax`` or ``tensorflow`` (or import keras first) to
+choose another.
 """
 
-from keras_seht import regularizers
+import os as _os
+import sys as _sys
+
+if "keras" not in _sys.modules and "KERAS_BACKEND" not in _os.environ:
+    import importlib.util as _util
+
+    if _util.find_spec("torch") is not None:
+        _os.environ["KERAS_BACKEND"] = "torch"
+
+from keras_seht import regularizers  # noqa: E402
 from keras_seht.estimators import SEHTD, SEHTH, CurvatureEstimator
 from keras_seht.hessian import (
     exact_hessian_trace,

@@ -1,0 +1,1 @@
+"""Runnable experiments: ``python -m keras_seht.experiments.demo``."""
