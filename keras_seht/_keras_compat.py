@@ -11,7 +11,8 @@ Tested with Keras 3.15 (see ``pyproject.toml``).
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import keras
 
@@ -59,3 +60,39 @@ def compute_loss(
 def loss_tracker(model: keras.Model) -> keras.metrics.Metric:
     """The ``Mean`` metric that ``fit`` logs as ``loss``."""
     return model._loss_tracker
+
+
+def _exact_tf_moments(x: Any, axes: Any, keepdims: bool) -> Any:
+    """``tf.nn.moments`` without its ``stop_gradient`` on the mean."""
+    import tensorflow as tf
+
+    mean = tf.reduce_mean(x, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.square(x - mean), axes, keepdims=True)
+    if not keepdims:
+        mean = tf.squeeze(mean, axes)
+        variance = tf.squeeze(variance, axes)
+    return mean, variance
+
+
+@contextlib.contextmanager
+def exact_tf_moments() -> Iterator[None]:
+    """Makes BatchNormalization's batch moments twice differentiable (TF).
+
+    Keras' TensorFlow backend computes batch moments with ``tf.nn.moments``,
+    which takes the variance around ``stop_gradient(mean)``. That leaves
+    the value and the first derivative unchanged (the dropped term is
+    proportional to sum_i (x_i - mean) = 0), but drops a term of the
+    *second* derivative, so Hessians through BatchNormalization in training
+    mode come out wrong (measured: 0.5% off in sigma^T H sigma on a small
+    Conv-BN net, against torch and JAX). Inside this context (active while
+    keras-seht traces its TF functions) the moments are computed without
+    the stop_gradient.
+    """
+    from keras.src.backend.tensorflow import nn as tf_nn
+
+    original = tf_nn._compute_moments
+    tf_nn._compute_moments = _exact_tf_moments
+    try:
+        yield
+    finally:
+        tf_nn._compute_moments = original

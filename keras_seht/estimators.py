@@ -23,7 +23,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
@@ -109,14 +109,56 @@ class CurvatureEstimator:
 
         Args:
             layout: The model's `WeightLayout` (`keras_seht.weight_layout`).
-            seed: An int, a `keras.random.SeedGenerator`, or None (global
-                Keras seed).
+            seed: A `keras.random.SeedGenerator` (advanced by the draw), an
+                int (a fixed seed: the same int gives the same probe), or
+                None (the global Keras seed).
             dtype: Float dtype of the probe tensors.
 
         Returns:
             A list of tensors with the shapes in ``layout.shapes``.
         """
-        raise NotImplementedError
+        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+            seed = keras.random.SeedGenerator(int(seed))
+
+        def uniform(shape: tuple[int, ...]) -> Any:
+            return keras.random.uniform(shape, dtype="float32", seed=seed)
+
+        return [ops.cast(p, dtype) for p in self._probes_from(layout, uniform)]
+
+    def draw_probes(self, layout: WeightLayout, seed: int) -> list[np.ndarray]:
+        """A probe drawn with NumPy from an int seed: the same on every backend.
+
+        `sample_probes` draws with ``keras.random``, whose streams differ
+        between backends; this draws the same distribution from
+        ``numpy.random.default_rng(seed)``, so that a given seed gives the
+        same sigma under torch, JAX and TensorFlow (for cross-backend
+        checks and reproducible diagnostics).
+
+        Returns:
+            A list of float32 arrays with the shapes in ``layout.shapes``.
+        """
+        rng = np.random.default_rng(seed)
+
+        def uniform(shape: tuple[int, ...]) -> np.ndarray:
+            return rng.random(shape, dtype=np.float32)
+
+        return [
+            np.asarray(ops.convert_to_numpy(p), "float32")
+            for p in self._probes_from(layout, uniform)
+        ]
+
+    def _probes_from(
+        self, layout: WeightLayout, uniform: Callable[[tuple[int, ...]], Any]
+    ) -> list[Any]:
+        """The probe as a function of a source of U[0, 1) float32 draws.
+
+        Subclasses implement either this (and get `sample_probes` and
+        `draw_probes` for free) or `sample_probes` itself.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `sample_probes` or "
+            "`_probes_from`."
+        )
 
     def layer_weights(self, layout: WeightLayout) -> list[float]:
         """The weight c_l in E[t] = sum_l c_l tr(H_ll), for each layer."""
@@ -166,11 +208,6 @@ class CurvatureEstimator:
         return hash((type(self).__name__, repr(self)))
 
 
-def _rademacher(shape: tuple[int, ...], seed: Seed, dtype: str) -> Any:
-    u = keras.random.uniform(shape, dtype="float32", seed=seed)
-    return ops.cast(ops.where(u < 0.5, -1.0, 1.0), dtype)
-
-
 @keras.saving.register_keras_serializable(package="keras_seht")
 class SEHTH(CurvatureEstimator):
     r"""SEHT-H: Hutchinson's estimator of the full Hessian trace.
@@ -198,10 +235,13 @@ class SEHTH(CurvatureEstimator):
     True
     """
 
-    def sample_probes(
-        self, layout: WeightLayout, seed: Seed = None, dtype: str = "float32"
+    def _probes_from(
+        self, layout: WeightLayout, uniform: Callable[[tuple[int, ...]], Any]
     ) -> list[Any]:
-        return [_rademacher(shape, seed, dtype) for shape in layout.shapes]
+        return [
+            ops.where(uniform(shape) < 0.5, -1.0, 1.0)
+            for shape in layout.shapes
+        ]
 
     def layer_weights(self, layout: WeightLayout) -> list[float]:
         return [1.0] * layout.num_layers
@@ -292,8 +332,8 @@ class SEHTD(CurvatureEstimator):
             return [1.0] * layout.num_layers
         return [pi * 2.0 * self.p for pi in self.layer_probabilities(layout)]
 
-    def sample_probes(
-        self, layout: WeightLayout, seed: Seed = None, dtype: str = "float32"
+    def _probes_from(
+        self, layout: WeightLayout, uniform: Callable[[tuple[int, ...]], Any]
     ) -> list[Any]:
         probes: list[Any] = [None] * len(layout.shapes)
         probs = self.layer_probabilities(layout)
@@ -302,17 +342,14 @@ class SEHTD(CurvatureEstimator):
             if pi >= 1.0:
                 drawn = ops.ones((), dtype="float32")
             else:
-                u_layer = keras.random.uniform((), dtype="float32", seed=seed)
-                drawn = ops.cast(u_layer < pi, "float32")
+                drawn = ops.cast(uniform(()) < pi, "float32")
             scale = 1.0 / math.sqrt(pi * 2.0 * self.p) if self.unbiased else 1
             for i in indices:
-                u = keras.random.uniform(
-                    layout.shapes[i], dtype="float32", seed=seed
-                )
+                u = uniform(layout.shapes[i])
                 entries = ops.cast(u < self.p, "float32") - ops.cast(
                     u >= 1.0 - self.p, "float32"
                 )
-                probes[i] = ops.cast(entries * (drawn * scale), dtype)
+                probes[i] = entries * (drawn * scale)
         return probes
 
     def get_config(self) -> dict[str, Any]:

@@ -284,3 +284,31 @@ def test_uniform_is_seeded_like_keras_random():
         lambda: tf_backend.uniform((10,), seed=generator_a), jit_compile=True
     )
     assert compiled().shape == (10,)
+
+
+def test_batchnorm_moments_are_twice_differentiable():
+    """Keras' TF moments stop the mean's gradient; SEHT's must not.
+
+    For v(x) = mean((x - mean(x))^2), d^2 v / dx_i^2 = 2/n - 2/n^2.
+    """
+    from keras_seht import _keras_compat as compat
+
+    n = 5
+    x = tf.constant(np.linspace(-1.0, 2.0, n), tf.float64)
+    bn = keras.layers.BatchNormalization(center=False, scale=False)
+
+    def second_derivative():
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                _, variance = bn._moments(tf.reshape(x, (n, 1)), None)
+            g = inner.gradient(variance, x)
+        return outer.jacobian(g, x).numpy()
+
+    expected = np.full((n, n), -2.0 / n**2) + np.eye(n) * 2.0 / n
+    with compat.exact_tf_moments():
+        np.testing.assert_allclose(second_derivative(), expected, 1e-12)
+    # Outside the context Keras' own moments are in force again (and wrong
+    # at second order: the -2/n^2 coupling is missing).
+    assert not np.allclose(second_derivative(), expected)

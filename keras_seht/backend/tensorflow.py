@@ -74,7 +74,8 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     ``model.losses``, ``optimizer.scale_loss`` before differentiating,
     ``optimizer.apply``, and ``compute_metrics``. Graph-safe: no Python
     branch depends on a tensor value, so it compiles with ``tf.function``
-    and XLA.
+    and XLA. BatchNormalization's batch moments are made twice
+    differentiable for the step (``_keras_compat.exact_tf_moments``).
 
     Returns:
         The logs of ``model.compute_metrics``.
@@ -95,7 +96,7 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
 
     with tf.GradientTape() as outer:
         with tf.GradientTape(persistent=num_probes > 1) as middle:
-            with tf.GradientTape() as inner:
+            with tf.GradientTape() as inner, compat.exact_tf_moments():
                 if compat.call_has_training_arg(model):
                     y_pred = model(x, training=True)
                 else:
@@ -237,7 +238,10 @@ class HessianVectorProduct:
     ) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """L(params) and its gradient, differentiable by enclosing tapes."""
         x, y, sample_weight = self._batch
-        with tf.GradientTape(watch_accessed_variables=False) as inner:
+        with (
+            tf.GradientTape(watch_accessed_variables=False) as inner,
+            compat.exact_tf_moments(),
+        ):
             inner.watch(params)
             loss, _, _ = functional.stateless_loss(
                 self._model,
