@@ -1,0 +1,39 @@
+"""The README stays true: its usage example runs as written."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_usage_example_runs(tmp_path):
+    example = next(b for b in _python_blocks() if "seht=SEHTD" in b)
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    traces = [float(v) for v in re.findall(r"[-\d.e+]+", lines[-3])]
+    assert len(traces) == 3
+    assert float(lines[-2]) > 0 and float(lines[-1]) > 0
+
+
+def test_make_targets_named_in_readme_exist():
+    makefile = (README.parent / "Makefile").read_text()
+    for target in re.findall(r"^make (\S+)", README.read_text(), re.M):
+        assert re.search(rf"^{re.escape(target)}:", makefile, re.M), target
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert re.search(r"^make test$", ci, re.M)
