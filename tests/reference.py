@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from keras_seht import functional
+from keras_seht._keras_compat import exact_tf_moments
 
 
 def loss_fn(
@@ -46,12 +47,16 @@ def objective_gradient(
     probe: Sequence[np.ndarray],
     strength: float,
     training: bool = True,
+    sample_weight: Any = None,
 ) -> tuple[float, float, list[np.ndarray]]:
     """(L, t, grad of L + strength * t) with t = sigma^T H sigma.
 
     Computed by reverse-over-reverse-over-reverse autodiff from scratch.
+    Under TensorFlow the forward pass uses exactly differentiable
+    BatchNorm moments (Keras' ``tf.nn.moments`` stops the mean's gradient,
+    which drops a second-derivative term; see ``_keras_compat``).
     """
-    f = loss_fn(model, x, y, training)
+    f = loss_fn(model, x, y, training, sample_weight)
     weights = [v.value for v in model.trainable_variables]
     backend = keras.config.backend()
     if backend == "jax":
@@ -85,7 +90,7 @@ def objective_gradient(
         h = torch.autograd.grad(gv, params, create_graph=True)
         t = sum(torch.sum(a * s) for a, s in zip(h, sigma))
         grads = torch.autograd.grad(loss + strength * t, params)
-        return float(loss), float(t), _np(grads)
+        return float(loss.detach()), float(t.detach()), _np(grads)
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -93,7 +98,7 @@ def objective_gradient(
         sigma = [tf.constant(s, tf.float32) for s in probe]
         with tf.GradientTape() as outer:
             with tf.GradientTape() as middle:
-                with tf.GradientTape() as inner:
+                with tf.GradientTape() as inner, exact_tf_moments():
                     loss = f(params)
                 g = inner.gradient(loss, params)
                 gv = tf.add_n([tf.reduce_sum(a * s) for a, s in zip(g, sigma)])
