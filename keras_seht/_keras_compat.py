@@ -6,7 +6,9 @@ publicly (how a model's ``call`` takes ``training``, the loss tracker that
 all read here, so a Keras upgrade that renames them breaks exactly one
 module, and ``tests/test_keras_compat.py`` fails loudly when it does.
 
-Tested with Keras 3.15 (see ``pyproject.toml``).
+Written against the Keras 3.10-3.15 internals (``TESTED_KERAS``); CI runs
+the tests with the Keras that ``pip`` installs (3.15 at the time of
+writing), and ``pyproject.toml`` allows ``keras>=3.10,<4``.
 """
 
 from __future__ import annotations
@@ -96,3 +98,28 @@ def exact_tf_moments() -> Iterator[None]:
         yield
     finally:
         tf_nn._compute_moments = original
+
+
+def functional_class() -> type:
+    """Keras' ``Functional`` model class (not exported publicly)."""
+    from keras.src.models.functional import Functional
+
+    return Functional
+
+
+def is_functional_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether ``Model(*args, **kwargs)`` is a functional construction."""
+    from keras.src.models.model import functional_init_arguments
+
+    return bool(functional_init_arguments(args, kwargs))
+
+
+def init_functional(
+    model: keras.Model, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """What ``keras.Model.__init__`` does for functional arguments, minus the
+    rewrite of the class hierarchy (see ``keras_seht.model``)."""
+    from keras.src.models import model as model_lib
+
+    model_lib.Trainer.__init__(model)
+    functional_class().__init__(model, *args, **kwargs)

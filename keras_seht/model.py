@@ -52,7 +52,10 @@ class SEHTTrainer:
     @property
     def seht_layout(self) -> WeightLayout:
         """Trainable variables grouped by layer (computed once per compile)."""
-        if self._seht_layout is None:
+        layout = self._seht_layout
+        if layout is None or len(layout.shapes) != len(
+            self.trainable_variables
+        ):  # not computed yet, or computed before the model was built
             object.__setattr__(self, "_seht_layout", weight_layout(self))
         return self._seht_layout
 
@@ -153,12 +156,17 @@ class SEHTTrainer:
     def train_step(self, *args: Any) -> Any:
         if self.seht is None:
             return super().train_step(*args)  # type: ignore[misc]
+        if self.built:
+            self.check_trainable_weights()
+        return seht_backend.get().train_step(self, *args)
+
+    def check_trainable_weights(self) -> None:
+        """Raises ValueError if SEHT is on but nothing is trainable."""
         if not self.trainable_variables:
             raise ValueError(
                 "`seht` was given for a model with no trainable weights: "
                 "there is no Hessian to regularize. Recompile with seht=None."
             )
-        return seht_backend.get().train_step(self, *args)
 
     def test_step(self, *args: Any) -> Any:
         result = super().test_step(*args)  # type: ignore[misc]
@@ -237,9 +245,43 @@ class Model(SEHTTrainer, keras.Model):
     0.05
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is Model and compat.is_functional_call(args, kwargs):
+            return FunctionalModel.__new__(FunctionalModel, *args, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._seht_setup()
-        super().__init__(*args, **kwargs)
+        if compat.is_functional_call(args, kwargs):
+            # keras.Model.__init__ would rewrite the bases of every class up
+            # to keras.Model, `keras_seht.Model` included, which breaks all
+            # later subclassed (non-functional) models. Only the subclass
+            # being built functionally gets FunctionalModel as a base.
+            if not isinstance(self, compat.functional_class()):
+                _inject_functional_model(type(self))
+            compat.init_functional(self, args, kwargs)
+        else:
+            super().__init__(*args, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="keras_seht")
+class FunctionalModel(Model, compat.functional_class()):  # type: ignore[misc]
+    """What ``keras_seht.Model(inputs, outputs)`` builds: a functional model.
+
+    ``keras_seht.Model(inputs, outputs)`` returns an instance of this class,
+    as ``keras.Model(inputs, outputs)`` returns a ``Functional``; it is a
+    ``keras_seht.Model`` in every respect (``isinstance`` included).
+    """
+
+
+def _inject_functional_model(cls: type) -> type:
+    """Puts FunctionalModel in place of Model in the bases of `cls`."""
+    if cls is Model:
+        return FunctionalModel
+    if not issubclass(cls, Model) or issubclass(cls, FunctionalModel):
+        return cls
+    cls.__bases__ = tuple(_inject_functional_model(b) for b in cls.__bases__)
+    return cls
 
 
 @keras.saving.register_keras_serializable(package="keras_seht")

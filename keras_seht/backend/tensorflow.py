@@ -44,6 +44,24 @@ def _dot(a: Sequence[Any], b: Sequence[Any]) -> tf.Tensor:
     return tf.add_n(terms)
 
 
+def _gradient(
+    tape: tf.GradientTape, target: tf.Tensor, variables: Sequence[Any]
+) -> list[tf.Tensor]:
+    """Dense gradients of `target`, zeros where it does not depend on a
+    variable (e.g. dt/dw when the Hessian is constant).
+
+    ``unconnected_gradients=ZERO`` cannot be used with Keras variables
+    (TensorFlow reads their ``dtype``, a string in Keras 3), and
+    ``IndexedSlices`` (embedding gradients) are made dense so that they can
+    be dotted with probes.
+    """
+    grads = tape.gradient(target, variables)
+    return [
+        tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g)
+        for g, v in zip(grads, variables)
+    ]
+
+
 def _unscale_for_distribution(value: tf.Tensor) -> tf.Tensor:
     """Per-replica loss -> global loss, like Keras' own TF train step.
 
@@ -83,20 +101,14 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     estimator = model.seht
     optimizer = model.optimizer
-    trainable = list(model.trainable_weights)
     num_probes = estimator.max_iter
-    probes = [
-        estimator.sample_probes(
-            model.seht_layout,
-            seed=model.seht_seed_generator,
-            dtype=trainable[0].dtype,
-        )
-        for _ in range(num_probes)
-    ]
 
     with tf.GradientTape() as outer:
         with tf.GradientTape(persistent=num_probes > 1) as middle:
             with tf.GradientTape() as inner, compat.exact_tf_moments():
+                # Keras' TF trainer builds an unbuilt model here, in the
+                # first traced forward pass: the variables (and so the
+                # probes) are read only after it.
                 if compat.call_has_training_arg(model):
                     y_pred = model(x, training=True)
                 else:
@@ -107,20 +119,26 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
                 scaled_loss = (
                     loss if optimizer is None else optimizer.scale_loss(loss)
                 )
+            model.check_trainable_weights()
+            trainable = list(model.trainable_weights)
+            probes = [
+                estimator.sample_probes(
+                    model.seht_layout,
+                    seed=model.seht_seed_generator,
+                    dtype=trainable[0].dtype,
+                )
+                for _ in range(num_probes)
+            ]
             # Recorded by `middle` and `outer`: g stays differentiable.
-            grads = inner.gradient(
-                scaled_loss, trainable, unconnected_gradients=_ZERO
-            )
+            grads = _gradient(inner, scaled_loss, trainable)
             products = [_dot(grads, sigma) for sigma in probes]
         # Recorded by `outer`: h_k = H sigma_k stays differentiable.
         quadratic_forms = []
         for sigma, product in zip(probes, products):
-            h = middle.gradient(product, trainable, unconnected_gradients=_ZERO)
+            h = _gradient(middle, product, trainable)
             quadratic_forms.append(_dot(sigma, h))
         scaled_trace = tf.add_n(quadratic_forms) / num_probes
-    grad_trace = outer.gradient(
-        scaled_trace, trainable, unconnected_gradients=_ZERO
-    )
+    grad_trace = _gradient(outer, scaled_trace, trainable)
     del middle
 
     trace = scaled_trace / _loss_scale(optimizer, scaled_trace.dtype)
