@@ -399,14 +399,14 @@ def plot_curves(
                     label=run["method"],
                 )
         ax_loss.set_title(
-            f"{model_name}: loss (solid: train objective L + strength*t; "
+            f"{model_name}: loss\n(solid: train objective L + strength*t; "
             "dashed: test L)",
             fontsize=9,
         )
         ax_loss.set_xlabel("epoch")
         ax_loss.legend(fontsize=8)
         ax_t.set_title(
-            f"{model_name}: seht_trace (epoch mean of t; SEHT-H ~ tr(H), "
+            f"{model_name}: seht_trace, the epoch mean of t\n(SEHT-H ~ tr(H), "
             "SEHT-D ~ 2p x partial trace; baseline has none)",
             fontsize=9,
         )
@@ -423,7 +423,7 @@ def plot_curves(
         ax_exact.set_xticks(range(len(model_runs)))
         ax_exact.set_xticklabels(names, rotation=15, fontsize=8)
         ax_exact.set_title(
-            f"{model_name}: exact tr(H) after training "
+            f"{model_name}: exact tr(H) after training\n"
             f"({probe_samples} training samples)",
             fontsize=9,
         )
