@@ -27,19 +27,24 @@ scale.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import keras
-import tensorflow as tf
 
 from keras_seht import _keras_compat as compat
 from keras_seht import functional
 
-_ZERO = tf.UnconnectedGradients.ZERO
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+# TensorFlow is imported inside each function, never at import time: under
+# the torch backend, importing tensorflow before keras segfaults.
 
 
 def _dot(a: Sequence[Any], b: Sequence[Any]) -> tf.Tensor:
     """sum_i <a_i, b_i> over two lists of same-shaped tensors."""
+    import tensorflow as tf
+
     terms = [tf.reduce_sum(u * tf.cast(v, u.dtype)) for u, v in zip(a, b)]
     return tf.add_n(terms)
 
@@ -55,6 +60,8 @@ def _gradient(
     ``IndexedSlices`` (embedding gradients) are made dense so that they can
     be dotted with probes.
     """
+    import tensorflow as tf
+
     grads = tape.gradient(target, variables)
     return [
         tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g)
@@ -69,6 +76,8 @@ def _unscale_for_distribution(value: tf.Tensor) -> tf.Tensor:
     the number of replicas (so that summing gradients averages them); the
     logged values are multiplied back.
     """
+    import tensorflow as tf
+
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     if replicas > 1:
         value = value * tf.cast(replicas, value.dtype)
@@ -77,6 +86,8 @@ def _unscale_for_distribution(value: tf.Tensor) -> tf.Tensor:
 
 def _loss_scale(optimizer: Any, dtype: tf.DType) -> tf.Tensor:
     """The factor s with ``optimizer.scale_loss(L) == s * L``."""
+    import tensorflow as tf
+
     one = tf.ones((), dtype)
     if optimizer is None:
         return one
@@ -98,6 +109,8 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     Returns:
         The logs of ``model.compute_metrics``.
     """
+    import tensorflow as tf
+
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     estimator = model.seht
     optimizer = model.optimizer
@@ -188,6 +201,8 @@ def uniform(
     consumed like ``keras.random``: a `SeedGenerator` advances by one
     draw, an int is a fixed seed, None falls back to ``keras.random``.
     """
+    import tensorflow as tf
+
     if seed is None:
         return keras.random.uniform(shape, dtype=dtype)
     if isinstance(seed, keras.random.SeedGenerator):
@@ -230,6 +245,8 @@ class HessianVectorProduct:
         sample_weight: Any = None,
         training: bool = False,
     ) -> None:
+        import tensorflow as tf
+
         self._model = model
         self._batch = functional.as_tensors(x, y, sample_weight)
         self._training = training
@@ -255,6 +272,8 @@ class HessianVectorProduct:
         self, params: Sequence[tf.Tensor]
     ) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """L(params) and its gradient, differentiable by enclosing tapes."""
+        import tensorflow as tf
+
         x, y, sample_weight = self._batch
         with (
             tf.GradientTape(watch_accessed_variables=False) as inner,
@@ -270,10 +289,12 @@ class HessianVectorProduct:
                 sample_weight,
                 self._training,
             )
-        grads = inner.gradient(loss, params, unconnected_gradients=_ZERO)
+        grads = _gradient(inner, loss, params)
         return loss, grads
 
     def _as_vectors(self, vectors: Sequence[Any]) -> list[tf.Tensor]:
+        import tensorflow as tf
+
         return [
             tf.cast(tf.convert_to_tensor(v), p.dtype)
             for v, p in zip(vectors, self.params)
@@ -282,6 +303,8 @@ class HessianVectorProduct:
     def _hessian_vector_product(
         self, vectors: Sequence[tf.Tensor]
     ) -> list[tf.Tensor]:
+        import tensorflow as tf
+
         with tf.GradientTape(watch_accessed_variables=False) as outer:
             outer.watch(self.params)
             _, grads = self._loss_and_grads(self.params)
@@ -289,7 +312,7 @@ class HessianVectorProduct:
             grads,
             self.params,
             output_gradients=list(vectors),
-            unconnected_gradients=_ZERO,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
 
     def __call__(self, vectors: Sequence[Any]) -> list[tf.Tensor]:
@@ -308,6 +331,8 @@ class HessianVectorProduct:
         vectorized (``pfor``) reverse pass per chunk inside a
         ``tf.function``; the diagonal entries are picked out of those rows.
         """
+        import tensorflow as tf
+
         sizes = [int(tf.size(p)) for p in self.params]
         n = sum(sizes)
         if self._diagonal_rows is None:
@@ -327,6 +352,8 @@ class HessianVectorProduct:
         ]
 
     def _make_diagonal_rows(self) -> Any:
+        import tensorflow as tf
+
         params = self.params
 
         @tf.function(reduce_retracing=True)
@@ -336,7 +363,11 @@ class HessianVectorProduct:
                 _, grads = self._loss_and_grads(params)
                 flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
                 rows_of = flat[start : start + count]
-            rows = outer.jacobian(rows_of, params, unconnected_gradients=_ZERO)
+            rows = outer.jacobian(
+                rows_of,
+                params,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
             rows = tf.concat([tf.reshape(r, [count, -1]) for r in rows], axis=1)
             index = tf.range(count)
             return tf.gather_nd(rows, tf.stack([index, start + index], 1))
