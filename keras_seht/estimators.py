@@ -30,6 +30,7 @@ import numpy as np
 from keras import ops
 
 from keras_seht.layout import WeightLayout
+from keras_seht.penalties import Penalty
 
 Seed = int | keras.random.SeedGenerator | None
 
@@ -49,19 +50,6 @@ def _check_max_iter(max_iter: Any) -> int:
     return int(max_iter)
 
 
-def _check_strength(strength: Any) -> float:
-    try:
-        value = float(strength)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(
-            "`strength` must be a finite number >= 0. Received: strength="
-            f"{strength!r}"
-        )
-    return value
-
-
 def _check_probability(name: str, value: Any, high: float) -> float:
     try:
         prob = float(value)
@@ -75,8 +63,8 @@ def _check_probability(name: str, value: Any, high: float) -> float:
     return prob
 
 
-class CurvatureEstimator:
-    """Base class of the SEHT estimators.
+class CurvatureEstimator(Penalty):
+    """Base class of the SEHT estimators (penalties R = t).
 
     A subclass defines `sample_probes` (one random probe per call) and
     `layer_weights` (what the probe's expectation weighs each layer's
@@ -94,13 +82,13 @@ class CurvatureEstimator:
         strength: Multiplier of the trace estimate added to the loss.
     """
 
-    #: Whether computing the penalty needs second-order autodiff through the
-    #: loss gradient (true for every exact Hessian estimator).
-    needs_double_backward = True
+    log_name = "seht_trace"
+    #: t is a function of the loss gradient (its HVPs): double backward.
+    needs_loss_gradient = True
 
     def __init__(self, max_iter: int = 1, strength: float = 1e-3) -> None:
+        super().__init__(strength)
         self.max_iter = _check_max_iter(max_iter)
-        self.strength = _check_strength(strength)
 
     def sample_probes(
         self, layout: WeightLayout, seed: Seed = None, dtype: str = "float32"
@@ -189,23 +177,6 @@ class CurvatureEstimator:
 
     def get_config(self) -> dict[str, Any]:
         return {"max_iter": self.max_iter, "strength": self.strength}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "CurvatureEstimator":
-        return cls(**config)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{self.__class__.__name__}({args})"
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            type(self) is type(other)
-            and self.get_config() == other.get_config()  # type: ignore
-        )
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, repr(self)))
 
 
 @keras.saving.register_keras_serializable(package="keras_seht")

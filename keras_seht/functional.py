@@ -62,10 +62,21 @@ def stateless_loss(
         loss = compat.compute_loss(
             model, x, y, y_pred, sample_weight, training=training
         )
-    updated = []
-    for variable, value in zip(
-        model.non_trainable_variables, non_trainable_values
-    ):
-        new = s.get_current_value(variable)
-        updated.append(value if new is None else new)
+    updated = scope_values(
+        s, model.non_trainable_variables, non_trainable_values
+    )
     return loss, y_pred, updated
+
+
+def scope_values(
+    scope: keras.StatelessScope,
+    variables: Sequence[Any],
+    values: Sequence[Any],
+) -> list[Any]:
+    """The values of `variables` after `scope` ran: those it assigned, else
+    the values it started from."""
+    updated = []
+    for variable, value in zip(variables, values):
+        new = scope.get_current_value(variable)
+        updated.append(value if new is None else new)
+    return updated

@@ -18,19 +18,22 @@ from keras_seht import backend as seht_backend
 from keras_seht import regularizers
 from keras_seht.estimators import CurvatureEstimator
 from keras_seht.layout import WeightLayout, weight_layout
+from keras_seht.penalties import Penalty
 
-SEHT_LOG_KEYS = ("seht_trace", "seht_skipped")
+SKIPPED_LOG_KEY = "seht_skipped"
 
 
 class SEHTTrainer:
     """Mixin adding ``compile(seht=...)`` to a Keras model class.
 
-    Adds two entries to the training logs (and the progress bar):
-    ``seht_trace``, the epoch mean of the estimate t before it is scaled by
-    ``strength``, and ``seht_skipped``, the number of steps in the epoch
-    whose estimate was NaN/Inf and whose penalty was therefore left out
-    (those steps apply the plain loss gradient). ``loss`` is the total
-    objective L + strength * t, as Keras logs weight regularization.
+    Adds to the training logs (and the progress bar) the epoch mean of
+    each penalty's value before it is scaled by ``strength``, under the
+    penalty's ``log_name`` (``seht_trace`` for the SEHT estimate t,
+    ``jacobian_norm``, ``negative_entropy``, ``gradient_norm_sq``), and
+    ``seht_skipped``, the number of steps in the epoch whose penalty was
+    NaN/Inf and was therefore left out (those steps apply the plain loss
+    gradient). ``loss`` is the total objective L + sum strength * R, as
+    Keras logs weight regularization.
     """
 
     def _seht_setup(self) -> None:
@@ -45,19 +48,40 @@ class SEHTTrainer:
         object.__setattr__(self, "_seht_warned", False)
 
     @property
-    def seht(self) -> CurvatureEstimator | None:
-        """The curvature estimator given to ``compile``, or None."""
+    def seht(self) -> Penalty | list[Penalty] | None:
+        """What ``compile(seht=...)`` was given, resolved: a penalty (e.g.
+        the curvature estimator), a list of penalties, or None."""
         return getattr(self, "_seht", None)
 
     @property
+    def seht_penalties(self) -> list[Penalty]:
+        """The penalties of ``compile(seht=...)`` as a list (maybe empty)."""
+        return regularizers.as_list(self.seht)
+
+    @property
+    def seht_estimator(self) -> CurvatureEstimator | None:
+        """The curvature estimator among the penalties, or None."""
+        for penalty in self.seht_penalties:
+            if isinstance(penalty, CurvatureEstimator):
+                return penalty
+        return None
+
+    @property
+    def seht_log_keys(self) -> tuple[str, ...]:
+        """The log entries the penalties add (empty without ``seht``)."""
+        names = tuple(p.log_name for p in self.seht_penalties)
+        return names + (SKIPPED_LOG_KEY,) if names else ()
+
+    @property
     def seht_layout(self) -> WeightLayout:
-        """Trainable variables grouped by layer (computed once per compile)."""
-        layout = self._seht_layout
-        if layout is None or len(layout.shapes) != len(
-            self.trainable_variables
-        ):  # not computed yet, or computed before the model was built
-            object.__setattr__(self, "_seht_layout", weight_layout(self))
-        return self._seht_layout
+        """Trainable variables grouped by layer (computed once per compile,
+        once the model is built)."""
+        if self._seht_layout is not None:
+            return self._seht_layout
+        layout = weight_layout(self)
+        if self.built:  # an unbuilt model's variables are still to come
+            object.__setattr__(self, "_seht_layout", layout)
+        return layout
 
     def compile(self, *args: Any, seht: Any = None, **kwargs: Any) -> None:
         """Configures the model for training, with an optional SEHT penalty.
@@ -66,11 +90,16 @@ class SEHTTrainer:
 
         Args:
             seht: None (plain Keras training), an estimator such as
-                ``SEHTD(p=0.01)``, a registered name (``"seht_d"``,
-                ``"seht_h"``), or a config dict
-                (``{"class_name": "seht_d", "config": {"p": 0.05}}``).
+                ``SEHTD(p=0.01)``, another penalty of
+                `keras_seht.regularizers` (``Jacobian``,
+                ``ConfidencePenalty``, ``GradientNorm``), a registered name
+                (``"seht_d"``, ``"seht_h"``, ``"jacobian"``, ...), a config
+                dict (``{"class_name": "seht_d", "config": {"p": 0.05}}``),
+                or a list of those, each added at its own ``strength``
+                (``[SEHTD(p=0.01), Jacobian(strength=0.01)]``).
         """
         estimator = regularizers.get(seht)
+        penalties = regularizers.as_list(estimator)
         if estimator is not None:
             compat.check_model(self)
             seht_backend.get()  # fail early on an unsupported backend
@@ -86,17 +115,12 @@ class SEHTTrainer:
         if estimator is None:
             object.__setattr__(self, "_seht_trackers", None)
             return
-        object.__setattr__(
-            self,
-            "_seht_trackers",
-            (
-                keras.metrics.Mean(name="seht_trace"),
-                keras.metrics.Sum(name="seht_skipped"),
-            ),
-        )
+        trackers = [keras.metrics.Mean(name=p.log_name) for p in penalties]
+        trackers.append(keras.metrics.Sum(name=SKIPPED_LOG_KEY))
+        object.__setattr__(self, "_seht_trackers", tuple(trackers))
         if (
             keras.config.backend() == "torch"
-            and estimator.needs_double_backward
+            and any(p.needs_double_backward for p in penalties)
             and self.jit_compile
         ):
             warnings.warn(
@@ -114,17 +138,24 @@ class SEHTTrainer:
             metrics.extend(self._seht_trackers)
         return metrics
 
-    def update_seht_trackers(self, trace: Any, finite: Any) -> None:
-        """Records one step's estimate (if finite) and skip count."""
-        trace_tracker, skipped_tracker = self._seht_trackers
+    def update_seht_trackers(self, values: Any, finite: Any) -> None:
+        """Records one step's penalty values (if finite) and skip count.
+
+        Args:
+            values: One value R per penalty, in ``seht_penalties`` order.
+            finite: Whether all of them were finite (a bool or a tensor).
+        """
+        *value_trackers, skipped_tracker = self._seht_trackers
         if isinstance(finite, bool):
             if finite:
-                trace_tracker.update_state(trace)
+                for tracker, value in zip(value_trackers, values):
+                    tracker.update_state(value)
             skipped_tracker.update_state(0.0 if finite else 1.0)
             return
         weight = keras.ops.cast(finite, "float32")
-        safe = keras.ops.where(finite, trace, keras.ops.zeros_like(trace))
-        trace_tracker.update_state(safe, sample_weight=weight)
+        for tracker, value in zip(value_trackers, values):
+            safe = keras.ops.where(finite, value, keras.ops.zeros_like(value))
+            tracker.update_state(safe, sample_weight=weight)
         skipped_tracker.update_state(1.0 - weight)
 
     def warn_skipped_once(self) -> None:
@@ -132,11 +163,11 @@ class SEHTTrainer:
         if not self._seht_warned:
             object.__setattr__(self, "_seht_warned", True)
             warnings.warn(
-                "The SEHT trace estimate was NaN/Inf; the penalty was left "
-                "out of that step's update (the weights only received the "
-                "plain loss gradient). Such steps are counted in the "
-                "`seht_skipped` log entry. Consider a smaller learning rate "
-                "or `strength`.",
+                "A `seht` penalty (e.g. the trace estimate) was NaN/Inf; the "
+                "penalties were left out of that step's update (the weights "
+                "only received the plain loss gradient). Such steps are "
+                "counted in the `seht_skipped` log entry. Consider a smaller "
+                "learning rate or `strength`.",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -172,10 +203,11 @@ class SEHTTrainer:
         result = super().test_step(*args)  # type: ignore[misc]
         if self.seht is None:
             return result
+        keys = self.seht_log_keys
         if isinstance(result, tuple):
             logs, state = result
-            return _drop_seht_logs(logs), state
-        return _drop_seht_logs(result)
+            return _drop_keys(logs, keys), state
+        return _drop_keys(result, keys)
 
     def get_compile_config(self) -> dict[str, Any]:
         config = super().get_compile_config()  # type: ignore[misc]
@@ -219,9 +251,9 @@ def _with_skip_warning(model: SEHTTrainer, callbacks: Any) -> Any:
     return callbacks
 
 
-def _drop_seht_logs(logs: Any) -> Any:
+def _drop_keys(logs: Any, keys: tuple[str, ...]) -> Any:
     if isinstance(logs, dict):
-        return {k: v for k, v in logs.items() if k not in SEHT_LOG_KEYS}
+        return {k: v for k, v in logs.items() if k not in keys}
     return logs
 
 

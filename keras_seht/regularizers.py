@@ -2,8 +2,13 @@
 
 Modelled on ``keras.regularizers``: every class is reachable by its class
 name and its snake_case name, plus short aliases (``"seht_h"``,
-``"seht_d"``); `get` accepts None, a name, a config dict, a class or an
-instance.
+``"seht_d"``, ``"jacobian"``, ``"confidence_penalty"``,
+``"gradient_norm"``); `get` accepts None, a name, a config dict, a class
+or an instance, and a list of those to combine several penalties:
+
+    model.compile(..., seht=[SEHTD(p=0.01), Jacobian(strength=0.01)])
+
+minimizes L + 0.001 * t + 0.01 * ||J||_F^2 (each at its own strength).
 
 Example:
 
@@ -19,14 +24,39 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import keras
 
 from keras_seht.estimators import SEHTD, SEHTH, CurvatureEstimator
+from keras_seht.penalties import (
+    ConfidencePenalty,
+    GradientNorm,
+    Jacobian,
+    Penalty,
+)
 
-ALL_OBJECTS = {SEHTH, SEHTD}
-ALIASES = {"seht_h": SEHTH, "seht_d": SEHTD}
+__all__ = [
+    "CurvatureEstimator",
+    "ConfidencePenalty",
+    "GradientNorm",
+    "Jacobian",
+    "Penalty",
+    "SEHTD",
+    "SEHTH",
+    "deserialize",
+    "get",
+    "serialize",
+]
+
+ALL_OBJECTS = {SEHTH, SEHTD, Jacobian, ConfidencePenalty, GradientNorm}
+ALIASES = {
+    "seht_h": SEHTH,
+    "seht_d": SEHTD,
+    "jacobian": Jacobian,
+    "confidence_penalty": ConfidencePenalty,
+    "gradient_norm": GradientNorm,
+}
 
 
 def _snake_case(name: str) -> str:
@@ -42,15 +72,19 @@ def _known_names() -> str:
     return ", ".join(sorted(repr(k) for k in ALIASES))
 
 
-def serialize(penalty: CurvatureEstimator) -> dict[str, Any]:
-    """Returns the Keras config dict of a penalty."""
+def serialize(
+    penalty: Penalty | Sequence[Penalty],
+) -> dict[str, Any] | list[dict[str, Any]]:
+    """Returns the Keras config dict of a penalty (a list for a list)."""
+    if isinstance(penalty, (list, tuple)):
+        return [keras.saving.serialize_keras_object(p) for p in penalty]
     return keras.saving.serialize_keras_object(penalty)
 
 
 def deserialize(
     config: dict[str, Any] | str,
     custom_objects: dict[str, Any] | None = None,
-) -> CurvatureEstimator:
+) -> Penalty:
     """Re-creates a penalty from `serialize`'s output (or a short dict).
 
     Accepts the Keras form ``{"class_name": ..., "config": {...}}`` (any
@@ -82,7 +116,7 @@ def deserialize(
         )
     except TypeError as e:
         raise ValueError(
-            f"Could not build a `seht` estimator from {config!r}: {e}"
+            f"Could not build a `seht` penalty from {config!r}: {e}"
         ) from e
 
 
@@ -97,23 +131,29 @@ def _unknown(name: str) -> str:
     )
 
 
-def get(identifier: Any) -> CurvatureEstimator | None:
-    """Resolves ``compile(seht=...)``'s argument to an estimator or None.
+def get(identifier: Any) -> Penalty | list[Penalty] | None:
+    """Resolves ``compile(seht=...)``'s argument to penalties or None.
 
     Args:
-        identifier: None, an estimator instance, a registered name or alias
-            (``"seht_h"``, ``"seht_d"``), a config dict, or a class.
+        identifier: None, a penalty instance (an estimator such as
+            ``SEHTD(p=0.01)``, or `Jacobian`, `ConfidencePenalty`,
+            `GradientNorm`), a registered name or alias (``"seht_h"``,
+            ``"seht_d"``, ``"jacobian"``, ...), a config dict, a class, or
+            a non-empty list or tuple of those.
 
     Returns:
-        The estimator, or None.
+        The penalty, a list of penalties (for a list), or None.
 
     Raises:
         ValueError: naming `seht` and the allowed values when the identifier
-            is not understood.
+            is not understood, or when a list is empty or holds two
+            penalties that log under the same name (e.g. two estimators).
     """
+    if isinstance(identifier, (list, tuple)):
+        return _get_list(identifier)
     if identifier is None:
         return None
-    if isinstance(identifier, CurvatureEstimator):
+    if isinstance(identifier, Penalty):
         return identifier
     if isinstance(identifier, dict):
         return deserialize(identifier)
@@ -122,12 +162,43 @@ def get(identifier: Any) -> CurvatureEstimator | None:
         if cls is None:
             raise ValueError(_unknown(identifier))
         return cls()
-    if inspect.isclass(identifier) and issubclass(
-        identifier, CurvatureEstimator
-    ):
+    if inspect.isclass(identifier) and issubclass(identifier, Penalty):
         return identifier()
     raise ValueError(
-        "Could not interpret the `seht` argument: expected None, an "
-        f"estimator, one of {_known_names()}, or a config dict. Received: "
-        f"seht={identifier!r}"
+        "Could not interpret the `seht` argument: expected None, a penalty "
+        f"(e.g. SEHTD(p=0.01)), one of {_known_names()}, a config dict, or a "
+        f"list of those. Received: seht={identifier!r}"
     )
+
+
+def _get_list(identifiers: Sequence[Any]) -> list[Penalty]:
+    if not identifiers:
+        raise ValueError(
+            "`seht` was given an empty list. Pass seht=None for no penalty."
+        )
+    penalties = []
+    for item in identifiers:
+        if item is None or isinstance(item, (list, tuple)):
+            raise ValueError(
+                "Each entry of a `seht` list must be a penalty, a name or a "
+                f"config dict. Received: {item!r} in seht={identifiers!r}"
+            )
+        penalties.append(get(item))
+    names = [p.log_name for p in penalties]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(
+            "A `seht` list may hold one penalty of each kind (at most one "
+            f"curvature estimator); these would share the log entries "
+            f"{repeated}. Received: seht={identifiers!r}"
+        )
+    return penalties
+
+
+def as_list(penalties: Penalty | Sequence[Penalty] | None) -> list[Penalty]:
+    """`get`'s result as a (possibly empty) list."""
+    if penalties is None:
+        return []
+    if isinstance(penalties, Penalty):
+        return [penalties]
+    return list(penalties)

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import keras_seht  # noqa: E402
+from keras_seht.estimators import CurvatureEstimator  # noqa: E402
 
 
 def pytest_report_header(config):
@@ -81,3 +82,53 @@ def compile_plain(model, **kwargs):
     kwargs.setdefault("loss", "sparse_categorical_crossentropy")
     model.compile(**kwargs)
     return model
+
+
+def run_script_result(script: str, timeout: int = 600, **env: str) -> dict:
+    """Runs `script` in a fresh Python (its own Keras backend and flags),
+    with `env` added to the environment, and returns the JSON it printed
+    after ``RESULT``."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(
+        ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")
+    )
+    return json.loads(line[len("RESULT") :])
+
+
+STRENGTH = 0.1
+
+
+class FixedProbes(CurvatureEstimator):
+    """Returns the given probes, in turn (one per ``sample_probes`` call).
+
+    A compiled step (JAX, TensorFlow) calls ``sample_probes`` while tracing
+    only, ``max_iter`` times per trace, so the probes are constants of the
+    step; cycling modulo ``len(probes)`` keeps their order in every trace.
+    """
+
+    def __init__(self, probes, strength=STRENGTH):
+        super().__init__(max_iter=len(probes), strength=strength)
+        self.probes = [
+            [np.asarray(p, "float32") for p in probe] for probe in probes
+        ]
+        self._calls = 0
+
+    def sample_probes(self, layout, seed=None, dtype="float32"):
+        probe = self.probes[self._calls % len(self.probes)]
+        self._calls += 1
+        assert [p.shape for p in probe] == list(layout.shapes)
+        return [keras.ops.convert_to_tensor(p, dtype) for p in probe]
+
+    def layer_weights(self, layout):
+        return [1.0] * layout.num_layers

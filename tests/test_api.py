@@ -126,7 +126,7 @@ def test_registry_rejects_bad_identifiers():
     # Values inside a config dict are validated like constructor arguments.
     with pytest.raises(ValueError, match=P_RANGE):
         regularizers.get({"class_name": "seht_d", "config": {"p": 0.9}})
-    for identifier in [3, 0.01, object(), [SEHTD()], keras.layers.Dense]:
+    for identifier in [3, 0.01, object(), keras.layers.Dense]:
         with pytest.raises(ValueError, match="Could not interpret the `seht`"):
             regularizers.get(identifier)
 

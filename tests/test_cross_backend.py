@@ -12,15 +12,12 @@ three backends itself).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
 import numpy as np
 import pytest
+from conftest import run_script_result
 
 BACKENDS = ("torch", "jax", "tensorflow")
 RTOL = 1e-4
@@ -102,25 +99,14 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(backend: str) -> dict:
-    env = dict(os.environ, KERAS_BACKEND=backend, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(
-        ln for ln in result.stdout.splitlines() if ln.startswith("RESULT")
-    )
-    return json.loads(line[len("RESULT") :])
-
-
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict]:
-    return {backend: _run(backend) for backend in BACKENDS}
+    return {
+        backend: run_script_result(
+            SCRIPT, KERAS_BACKEND=backend, OMP_NUM_THREADS="1"
+        )
+        for backend in BACKENDS
+    }
 
 
 @pytest.mark.parametrize("case", ["mlp_seht_h", "mlp_seht_d", "cnn_seht_h"])

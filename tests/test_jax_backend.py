@@ -7,16 +7,14 @@ hand-written ``jnp`` MLP with the model's weights, whose Hessian comes from
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 from typing import Any
 
 import keras
 import numpy as np
 import pytest
+from conftest import run_script_result
 
 if keras.config.backend() != "jax":
     pytest.skip("JAX backend tests", allow_module_level=True)
@@ -320,27 +318,17 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent(
 )
 
 
-def test_data_parallel_matches_single_device(tmp_path):
-    script = tmp_path / "data_parallel.py"
-    script.write_text(_DATA_PARALLEL_SCRIPT)
-    env = dict(os.environ)
-    env["KERAS_BACKEND"] = "jax"
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        env=env,
-        capture_output=True,
-        text=True,
+def test_data_parallel_matches_single_device():
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    result = run_script_result(
+        _DATA_PARALLEL_SCRIPT,
         timeout=300,
+        KERAS_BACKEND="jax",
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=(
+            xla_flags + " --xla_force_host_platform_device_count=2"
+        ).strip(),
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(
-        ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")
-    )
-    result = json.loads(line[len("RESULT") :])
     single, parallel = result["single"], result["parallel"]
     assert single["history"].keys() == parallel["history"].keys()
     for key in ("loss", "seht_trace"):

@@ -71,7 +71,7 @@ def test_overflowing_trace_under_loss_scaling_skips_the_step():
     optimizer = keras.optimizers.LossScaleOptimizer(
         keras.optimizers.SGD(0.5), initial_scale=2.0**10
     )
-    with pytest.warns(RuntimeWarning, match="SEHT trace"):
+    with pytest.warns(RuntimeWarning, match="was NaN/Inf"):
         before, after, logs, model = _one_step(optimizer, fill=np.inf)
     for w0, w1 in zip(before, after):
         np.testing.assert_array_equal(w0, w1)
@@ -96,12 +96,14 @@ def test_mixed_precision_trains(policy):
         # mixed_float16 starts at a loss scale (2**15) where the scaled HVP
         # may overflow: such steps are skipped (and warned about) while the
         # LossScaleOptimizer lowers its scale.
-        warnings.filterwarnings("ignore", "The SEHT trace", RuntimeWarning)
+        warnings.filterwarnings("ignore", "A `seht` penalty", RuntimeWarning)
         history = model.fit(x, y, epochs=4, batch_size=16, verbose=0)
     logs = history.history
     assert np.all(np.isfinite(logs["loss"]))
     assert np.isfinite(logs["seht_trace"][-1])
-    assert logs["seht_skipped"][-1] == 0.0
+    # Overflowing steps are skipped and lower the scale; they stay rare
+    # (how many depends on where float16 first overflows: 0-2 here).
+    assert sum(logs["seht_skipped"]) <= 3, logs["seht_skipped"]
     after = model.get_weights()
     assert all(np.all(np.isfinite(w)) for w in after)
     assert any(not np.array_equal(a, b) for a, b in zip(after, before))

@@ -31,6 +31,24 @@ def test_usage_example_runs(tmp_path):
     assert float(lines[-2]) > 0 and float(lines[-1]) > 0
 
 
+def test_baselines_example_runs(tmp_path):
+    example = next(b for b in _python_blocks() if "Jacobian(" in b)
+    script = tmp_path / "baselines.py"
+    script.write_text(example)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout.strip().splitlines()[-1]
+    documented = re.search(
+        r"prints `(\[.*?\])`", README.read_text(), re.S
+    ).group(1)
+    assert printed == " ".join(documented.split()), printed
+
+
 def test_make_targets_named_in_readme_exist():
     makefile = (README.parent / "Makefile").read_text()
     for target in re.findall(r"^make (\S+)", README.read_text(), re.M):

@@ -69,6 +69,14 @@ import jax.numpy as jnp
 import keras
 
 from keras_seht import _keras_compat as compat
+from keras_seht import functional
+from keras_seht.penalties import (
+    ConfidencePenalty,
+    GradientNorm,
+    Jacobian,
+    flatten_outputs,
+    float_inputs,
+)
 
 State = tuple[list[Any], list[Any], list[Any], list[Any]]
 
@@ -79,21 +87,36 @@ def _dot(a: Sequence[Any], b: Sequence[Any]) -> jax.Array:
     return jnp.sum(jnp.stack(terms))
 
 
+def _draw(
+    model: keras.Model,
+    non_trainable_values: Sequence[Any],
+    draw: Callable[[], Any],
+) -> tuple[Any, list[Any]]:
+    """Runs ``draw()`` (random draws from ``model.seht_seed_generator``).
+
+    Statelessly: the seed generator's state is read from (and its advance
+    written back to) ``non_trainable_values``, so the draws are fresh at
+    every step of a compiled loop and tracing never touches the variables.
+    """
+    mapping = list(zip(model.non_trainable_variables, non_trainable_values))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        result = draw()
+    new_values = functional.scope_values(
+        scope, model.non_trainable_variables, non_trainable_values
+    )
+    return result, new_values
+
+
 def _draw_probes(
     model: keras.Model,
     non_trainable_values: Sequence[Any],
     dtypes: Sequence[Any],
 ) -> tuple[list[jax.Array], list[Any]]:
-    """Draws ``max_iter`` probes, stacked along a leading axis per variable.
+    """Draws ``max_iter`` probes, stacked along a leading axis per variable."""
+    estimator = model.seht_estimator
 
-    Statelessly: the seed generator's state is read from (and its advance
-    written back to) ``non_trainable_values``, so the probes are fresh at
-    every step of a compiled loop and tracing never touches the variables.
-    """
-    estimator = model.seht
-    mapping = list(zip(model.non_trainable_variables, non_trainable_values))
-    with keras.StatelessScope(state_mapping=mapping) as scope:
-        probes = [
+    def draw() -> list[Any]:
+        return [
             estimator.sample_probes(
                 model.seht_layout,
                 seed=model.seht_seed_generator,
@@ -101,12 +124,8 @@ def _draw_probes(
             )
             for _ in range(estimator.max_iter)
         ]
-    new_values = []
-    for variable, value in zip(
-        model.non_trainable_variables, non_trainable_values
-    ):
-        new = scope.get_current_value(variable)
-        new_values.append(value if new is None else new)
+
+    probes, new_values = _draw(model, non_trainable_values, draw)
     stacked = [
         jnp.stack([jnp.asarray(p[i], dtypes[i]) for p in probes])
         for i in range(len(dtypes))
@@ -165,6 +184,12 @@ def train_step(
 ) -> tuple[Any, State]:
     """One SEHT step: the stateless counterpart of ``JAXTrainer.train_step``.
 
+    Minimizes L + sum_j strength_j R_j over the penalties of
+    ``model.seht_penalties``, all from one forward pass: the SEHT estimate
+    by `probe_estimate`, ``GradientNorm`` from the gradient it returns,
+    ``Jacobian`` by a ``jax.vjp`` of the outputs with respect to the
+    inputs, ``ConfidencePenalty`` from the outputs.
+
     Args:
         model: A compiled keras-seht model with ``model.seht`` set.
         state: ``(trainable, non_trainable, optimizer, metrics)`` values.
@@ -180,37 +205,118 @@ def train_step(
         metrics_values,
     ) = state
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    strength = model.seht.strength
+    penalties = model.seht_penalties
+    estimator = model.seht_estimator
+    jacobian = next((p for p in penalties if isinstance(p, Jacobian)), None)
+    needs_gradient = any(p.needs_loss_gradient for p in penalties)
 
     dtypes = [jnp.asarray(v).dtype for v in trainable_values]
-    probes, non_trainable_values = _draw_probes(
-        model, non_trainable_values, dtypes
-    )
+    probes: list[Any] = []
+    if estimator is not None:
+        probes, non_trainable_values = _draw_probes(
+            model, non_trainable_values, dtypes
+        )
     scale = _loss_scale(model, optimizer_values)
+    flat_x = keras.tree.flatten(x)
+    positions = float_inputs(x) if jacobian is not None else []
 
-    def loss_fn(w: list[Any]) -> tuple[Any, Any]:
+    def loss_fn(w: list[Any], leaves: Sequence[Any]) -> tuple[Any, Any]:
         # Keras' own stateless loss (scaled by a LossScaleOptimizer).
+        flat = list(flat_x)
+        for i, leaf in zip(positions, leaves):
+            flat[i] = leaf
         return model.compute_loss_and_updates(
             w,
             non_trainable_values,
             metrics_values,
-            x,
+            keras.tree.pack_sequence_as(x, flat),
             y,
             sample_weight,
             training=True,
             optimizer_variables=optimizer_values,
         )
 
-    def total_fn(w: list[Any]) -> tuple[Any, Any]:
-        scaled_t, (scaled_loss, grads, aux) = probe_estimate(loss_fn, w, probes)
-        return scaled_loss + strength * scaled_t, (scaled_t, grads, aux)
+    leaves = [flat_x[i] for i in positions]
+    projections: list[Any] = []
+    if jacobian is not None:
+        z_spec = jax.eval_shape(
+            lambda: flatten_outputs(loss_fn(trainable_values, leaves)[1][1])
+        )
+        (projections, weight), non_trainable_values = _draw(
+            model,
+            non_trainable_values,
+            lambda: jacobian.projections(
+                z_spec.shape, z_spec.dtype, model.seht_seed_generator
+            ),
+        )
 
-    (_, (scaled_t, loss_grads, aux)), total_grads = jax.value_and_grad(
-        total_fn, has_aux=True
-    )(trainable_values)
+    def base_fn(w: list[Any]) -> tuple[Any, Any]:
+        """w -> (scaled L, (aux, {index: scaled first-order R_j}))."""
+        first_order = {}
+        if jacobian is None:
+            scaled_loss, aux = loss_fn(w, leaves)
+        else:
+
+            def outputs(inputs: Sequence[Any]) -> tuple[Any, Any]:
+                scaled_loss, aux = loss_fn(w, inputs)
+                return flatten_outputs(aux[1]), (scaled_loss, aux)
+
+            z, vjp_fn, (scaled_loss, aux) = jax.vjp(
+                outputs, leaves, has_aux=True
+            )
+            products = [vjp_fn(v)[0] for v in projections]
+            first_order[penalties.index(jacobian)] = (
+                jacobian.norm_from_products(products, weight, z.shape[0])
+                * scale
+            )
+        for j, penalty in enumerate(penalties):
+            if isinstance(penalty, ConfidencePenalty):
+                first_order[j] = (
+                    penalty.value(model, aux[1], sample_weight) * scale
+                )
+        return scaled_loss, (aux, first_order)
+
+    def objective(w: list[Any]) -> tuple[Any, Any]:
+        """w -> ((scaled L, sum_j strength_j scaled R_j), by-products)."""
+        grads = None
+        if estimator is not None:
+            scaled_t, (scaled_loss, grads, (aux, first_order)) = probe_estimate(
+                base_fn, w, probes
+            )
+        elif needs_gradient:
+            (scaled_loss, (aux, first_order)), grads = jax.value_and_grad(
+                base_fn, has_aux=True
+            )(w)
+        else:
+            scaled_loss, (aux, first_order) = base_fn(w)
+        scaled_values = []
+        for j, penalty in enumerate(penalties):
+            if penalty is estimator:
+                scaled_values.append(scaled_t)
+            elif isinstance(penalty, GradientNorm):
+                scaled_values.append(_dot(grads, grads) / scale)
+            elif j in first_order:
+                scaled_values.append(first_order[j])
+            else:
+                raise TypeError(f"Unsupported `seht` penalty: {penalty!r}")
+        penalty_sum = sum(
+            p.strength * v for p, v in zip(penalties, scaled_values)
+        )
+        return (scaled_loss, penalty_sum), (scaled_values, grads, aux)
+
+    # One forward (and its tapes); two cheap cotangents: (1, 1) gives the
+    # objective's gradient, (1, 0) the loss gradient when no penalty
+    # already produced it (XLA drops the unused one).
+    (scaled_loss, _), vjp_fn, (scaled_values, loss_grads, aux) = jax.vjp(
+        objective, trainable_values, has_aux=True
+    )
+    one = jnp.ones_like(scaled_loss)
+    total_grads = vjp_fn((one, one))[0]
+    if loss_grads is None:
+        loss_grads = vjp_fn((one, jnp.zeros_like(one)))[0]
     unscaled_loss, y_pred, non_trainable_values, metrics_values = aux
-    trace = scaled_t / scale
-    finite = jnp.isfinite(trace)
+    values = [v / scale for v in scaled_values]
+    finite = jnp.all(jnp.isfinite(jnp.stack(values)))
     if isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
         # A non-finite t under loss scaling is (almost always) an overflow
         # of the scaled HVP: hand the optimizer a non-finite gradient so
@@ -222,9 +328,8 @@ def train_step(
         fallback = loss_grads
     # Select, never multiply: 0 * NaN would still be NaN.
     grads = [jnp.where(finite, gt, gf) for gt, gf in zip(total_grads, fallback)]
-    total_loss = jnp.where(
-        finite, unscaled_loss + strength * trace, unscaled_loss
-    )
+    penalty_total = sum(p.strength * v for p, v in zip(penalties, values))
+    total_loss = jnp.where(finite, unscaled_loss + penalty_total, unscaled_loss)
 
     trainable_values, optimizer_values = model.optimizer.stateless_apply(
         optimizer_values, grads, trainable_values
@@ -238,12 +343,11 @@ def train_step(
         compat.loss_tracker(model).update_state(
             total_loss, sample_weight=batch_size
         )
-        model.update_seht_trackers(trace, finite)
+        model.update_seht_trackers(values, finite)
         logs = model.compute_metrics(x, y, y_pred, sample_weight)
-    new_metrics_values = []
-    for variable, value in zip(model.metrics_variables, metrics_values):
-        new = scope.get_current_value(variable)
-        new_metrics_values.append(value if new is None else new)
+    new_metrics_values = functional.scope_values(
+        scope, model.metrics_variables, metrics_values
+    )
 
     return logs, (
         trainable_values,

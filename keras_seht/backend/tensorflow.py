@@ -33,6 +33,13 @@ import keras
 
 from keras_seht import _keras_compat as compat
 from keras_seht import functional
+from keras_seht.penalties import (
+    ConfidencePenalty,
+    GradientNorm,
+    Jacobian,
+    flatten_outputs,
+    float_inputs,
+)
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -95,7 +102,7 @@ def _loss_scale(optimizer: Any, dtype: tf.DType) -> tf.Tensor:
 
 
 def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
-    """One SEHT training step (the model's ``seht`` is not None).
+    """One step of L + sum_j strength_j R_j (``model.seht`` is not None).
 
     Mirrors ``keras.src.backend.tensorflow.trainer.TensorFlowTrainer.
     train_step``: one forward pass in training mode (BatchNorm statistics
@@ -106,19 +113,41 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     and XLA. BatchNormalization's batch moments are made twice
     differentiable for the step (``_keras_compat.exact_tf_moments``).
 
+    The penalties of ``model.seht_penalties`` are recorded by ``outer``:
+    the SEHT estimate from HVPs taken by ``middle``, ``GradientNorm`` from
+    the loss gradient, ``Jacobian`` from input gradients of the outputs
+    taken by a fourth tape (``inputs``) around the forward pass,
+    ``ConfidencePenalty`` from the outputs.
+
     Returns:
         The logs of ``model.compute_metrics``.
     """
     import tensorflow as tf
 
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    estimator = model.seht
+    penalties = model.seht_penalties
+    estimator = model.seht_estimator
+    jacobian = next((p for p in penalties if isinstance(p, Jacobian)), None)
     optimizer = model.optimizer
-    num_probes = estimator.max_iter
+    num_probes = estimator.max_iter if estimator is not None else 0
+    leaves = []
+    if jacobian is not None:
+        flat = keras.tree.flatten(x)
+        leaves = [flat[i] for i in float_inputs(x)]
+    seed = model.seht_seed_generator
 
     with tf.GradientTape() as outer:
         with tf.GradientTape(persistent=num_probes > 1) as middle:
-            with tf.GradientTape() as inner, compat.exact_tf_moments():
+            with (
+                tf.GradientTape() as inner,
+                tf.GradientTape(
+                    watch_accessed_variables=False,
+                    persistent=jacobian is not None
+                    and (jacobian.exact or jacobian.n_proj > 1),
+                ) as inputs,
+                compat.exact_tf_moments(),
+            ):
+                inputs.watch(leaves)
                 # Keras' TF trainer builds an unbuilt model here, in the
                 # first traced forward pass: the variables (and so the
                 # probes) are read only after it.
@@ -132,31 +161,54 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
                 scaled_loss = (
                     loss if optimizer is None else optimizer.scale_loss(loss)
                 )
+                if jacobian is not None:
+                    # <V_k, Z> must be recorded by the `inputs` tape.
+                    z = flatten_outputs(y_pred)
+                    vectors, weight = jacobian.projections(
+                        tuple(keras.ops.shape(z)), z.dtype, seed
+                    )
+                    projected = [tf.reduce_sum(v * z) for v in vectors]
             model.check_trainable_weights()
             trainable = list(model.trainable_weights)
+            scale = _loss_scale(optimizer, scaled_loss.dtype)
             probes = [
                 estimator.sample_probes(
-                    model.seht_layout,
-                    seed=model.seht_seed_generator,
-                    dtype=trainable[0].dtype,
+                    model.seht_layout, seed=seed, dtype=trainable[0].dtype
                 )
                 for _ in range(num_probes)
             ]
             # Recorded by `middle` and `outer`: g stays differentiable.
             grads = _gradient(inner, scaled_loss, trainable)
             products = [_dot(grads, sigma) for sigma in probes]
-        # Recorded by `outer`: h_k = H sigma_k stays differentiable.
-        quadratic_forms = []
-        for sigma, product in zip(probes, products):
-            h = _gradient(middle, product, trainable)
-            quadratic_forms.append(_dot(sigma, h))
-        scaled_trace = tf.add_n(quadratic_forms) / num_probes
-    grad_trace = _gradient(outer, scaled_trace, trainable)
-    del middle
+        # Recorded by `outer`: every R_j stays differentiable.
+        scaled_values = []
+        for penalty in penalties:
+            if penalty is estimator:
+                quadratic_forms = []
+                for sigma, product in zip(probes, products):
+                    h = _gradient(middle, product, trainable)
+                    quadratic_forms.append(_dot(sigma, h))
+                value = tf.add_n(quadratic_forms) / num_probes
+            elif isinstance(penalty, GradientNorm):
+                value = _dot(grads, grads) / scale
+            elif isinstance(penalty, Jacobian):
+                input_grads = [_gradient(inputs, p, leaves) for p in projected]
+                value = scale * penalty.norm_from_products(
+                    input_grads, weight, tf.shape(z)[0]
+                )
+            elif isinstance(penalty, ConfidencePenalty):
+                value = scale * penalty.value(model, y_pred, sample_weight)
+            else:
+                raise TypeError(f"Unsupported `seht` penalty: {penalty!r}")
+            scaled_values.append(tf.cast(value, scale.dtype))
+        objective = tf.add_n(
+            [p.strength * v for p, v in zip(penalties, scaled_values)]
+        )
+    grad_penalty = _gradient(outer, objective, trainable)
+    del middle, inputs
 
-    trace = scaled_trace / _loss_scale(optimizer, scaled_trace.dtype)
-    finite = tf.math.is_finite(trace)
-    strength = estimator.strength
+    values = [v / scale for v in scaled_values]
+    finite = tf.reduce_all(tf.math.is_finite(tf.stack(values)))
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         # A non-finite t under loss scaling is (almost always) an overflow
         # of the scaled HVP: hand the optimizer a non-finite gradient so
@@ -170,18 +222,23 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
         fallback = grads
     # tf.where, not a multiplication by 0: NaN * 0 is NaN.
     gradients = [
-        tf.where(finite, g + tf.cast(strength, g.dtype) * gt, gf)
-        for g, gt, gf in zip(grads, grad_trace, fallback)
+        tf.where(finite, g + tf.cast(gp, g.dtype), gf)
+        for g, gp, gf in zip(grads, grad_penalty, fallback)
     ]
-    loss = tf.cast(loss, trace.dtype)
-    total = tf.where(finite, loss + strength * trace, loss)
+    loss = tf.cast(loss, scale.dtype)
+    penalty_total = tf.add_n(
+        [p.strength * v for p, v in zip(penalties, values)]
+    )
+    total = tf.where(finite, loss + penalty_total, loss)
 
     first_input = next(i for i in keras.tree.flatten(x) if i is not None)
     batch_size = tf.shape(first_input)[0]
     compat.loss_tracker(model).update_state(
         _unscale_for_distribution(total), sample_weight=batch_size
     )
-    model.update_seht_trackers(_unscale_for_distribution(trace), finite)
+    model.update_seht_trackers(
+        [_unscale_for_distribution(v) for v in values], finite
+    )
     optimizer.apply(gradients, trainable)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 

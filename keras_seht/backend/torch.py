@@ -26,8 +26,13 @@ import torch
 
 from keras_seht import _keras_compat as compat
 from keras_seht import functional
-
-STEP_KEYS = ("seht_trace", "seht_skipped")
+from keras_seht.penalties import (
+    ConfidencePenalty,
+    GradientNorm,
+    Jacobian,
+    flatten_outputs,
+    float_inputs,
+)
 
 
 def _grad(
@@ -87,10 +92,36 @@ def probe_estimate(
     return torch.stack(values).mean()
 
 
+def _input_products(
+    penalty: Jacobian,
+    z: torch.Tensor,
+    leaves: Sequence[torch.Tensor],
+    seed: Any,
+) -> torch.Tensor:
+    """The Jacobian penalty R from the outputs z and the watched inputs."""
+    projections, weight = penalty.projections(tuple(z.shape), z.dtype, seed)
+    products = [
+        _grad(torch.sum(v * z), leaves, create_graph=True) for v in projections
+    ]
+    return penalty.norm_from_products(products, weight, z.shape[0])
+
+
 def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
-    """One SEHT training step (the model's ``seht`` is not None)."""
+    """One step of L + sum_j strength_j R_j (``model.seht`` is not None).
+
+    The penalties R_j are computed from one forward pass: a SEHT estimate
+    from HVPs of the graph-connected loss gradient, ``GradientNorm`` from
+    that gradient, ``Jacobian`` from input gradients of the outputs taken
+    with ``create_graph``, ``ConfidencePenalty`` from the outputs. One
+    backward of sum_j strength_j R_j gives their weight gradient.
+    """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    estimator = model.seht
+    penalties = model.seht_penalties
+    estimator = model.seht_estimator
+    needs_graph = any(p.needs_loss_gradient for p in penalties)
+    leaves: list[torch.Tensor] = []
+    if any(p.needs_input_gradient for p in penalties):
+        x, leaves = _watch_inputs(x)
     if compat.call_has_training_arg(model):
         y_pred = model(x, training=True)
     else:
@@ -103,24 +134,39 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
 
     trainable = model.trainable_weights[:]
     params = [v.value for v in trainable]
-    grads = _grad(scaled_loss, params, create_graph=True)
-    layout = model.seht_layout
-    probes = [
-        estimator.sample_probes(
-            layout, seed=model.seht_seed_generator, dtype=params[0].dtype
-        )
-        for _ in range(estimator.max_iter)
-    ]
-    scaled_trace = probe_estimate(grads, params, probes, create_graph=True)
-    trace_value = scaled_trace.detach() / scale
-    finite = bool(torch.isfinite(trace_value))
+    grads = _grad(scaled_loss, params, create_graph=needs_graph)
+    seed = model.seht_seed_generator
+    scaled_values = []
+    for penalty in penalties:
+        if penalty is estimator:
+            probes = [
+                estimator.sample_probes(
+                    model.seht_layout, seed=seed, dtype=params[0].dtype
+                )
+                for _ in range(estimator.max_iter)
+            ]
+            value = probe_estimate(grads, params, probes, create_graph=True)
+        elif isinstance(penalty, GradientNorm):
+            value = _dot(grads, grads) / scale
+        elif isinstance(penalty, Jacobian):
+            z = flatten_outputs(y_pred)
+            value = _input_products(penalty, z, leaves, seed) * scale
+        elif isinstance(penalty, ConfidencePenalty):
+            value = penalty.value(model, y_pred, sample_weight) * scale
+        else:
+            raise TypeError(f"Unsupported `seht` penalty: {penalty!r}")
+        scaled_values.append(value)
+    values = [v.detach() / scale for v in scaled_values]
+    finite = bool(torch.all(torch.isfinite(torch.stack(values))))
     if finite:
-        grad_trace = _grad(scaled_trace, params, create_graph=False)
-        gradients = [
-            g.detach() + estimator.strength * gt
-            for g, gt in zip(grads, grad_trace)
-        ]
-        total = loss.detach() + estimator.strength * trace_value
+        objective = sum(
+            p.strength * v for p, v in zip(penalties, scaled_values)
+        )
+        grad_penalty = _grad(objective, params, create_graph=False)
+        gradients = [g.detach() + gp for g, gp in zip(grads, grad_penalty)]
+        total = loss.detach() + sum(
+            p.strength * v for p, v in zip(penalties, values)
+        )
     elif isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
         # An overflow of the scaled HVP: a non-finite gradient makes the
         # optimizer skip the step and lower its scale, as for any overflow.
@@ -129,15 +175,25 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     else:
         gradients = [g.detach() for g in grads]
         total = loss.detach()
-    del grads, scaled_trace, probes
+    del grads, scaled_values
 
     first_input = next(i for i in keras.tree.flatten(x) if i is not None)
     batch_size = first_input.shape[0]
     compat.loss_tracker(model).update_state(total, sample_weight=batch_size)
-    model.update_seht_trackers(trace_value, finite)
+    model.update_seht_trackers(values, finite)
     with torch.no_grad():
         model.optimizer.apply(gradients, trainable)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _watch_inputs(x: Any) -> tuple[Any, list[torch.Tensor]]:
+    """`x` with its float leaves replaced by leaf tensors that need grad."""
+    flat = keras.tree.flatten(x)
+    leaves = []
+    for i in float_inputs(x):
+        flat[i] = torch.as_tensor(flat[i]).detach().requires_grad_(True)
+        leaves.append(flat[i])
+    return keras.tree.pack_sequence_as(x, flat), leaves
 
 
 class HessianVectorProduct:

@@ -1,0 +1,405 @@
+r"""Training penalties that ``compile(seht=...)`` adds to the loss.
+
+A penalty is a scalar :math:`R(w)` that the train step adds to the compiled
+loss as ``strength * R`` and differentiates exactly, on every backend:
+
+.. math::
+
+    \min_w \; L(w) + \sum_j \text{strength}_j \, R_j(w).
+
+The SEHT curvature estimators (`keras_seht.SEHTH`, `keras_seht.SEHTD`)
+are penalties; so are the paper's baselines defined here:
+
+- `Jacobian`: the squared Frobenius norm of the input-output Jacobian
+  (Hoffman et al. 2019);
+- `ConfidencePenalty`: the negative entropy of the predicted distribution
+  (Pereyra et al. 2017);
+- `GradientNorm`: the squared norm of the loss gradient.
+
+Each logs its value :math:`R` (before ``strength``) under `log_name`. The
+train step does the autodiff (``keras_seht/backend/``); a penalty object
+describes *what* to compute, with backend-neutral ``keras.ops``, and is a
+serializable Keras object (``get_config`` / ``from_config``).
+
+References:
+    Judy Hoffman, Daniel A. Roberts, Sho Yaida. "Robust Learning with
+    Jacobian Regularization." arXiv:1908.02729, 2019.
+
+    Gabriel Pereyra, George Tucker, Jan Chorowski, Lukasz Kaiser, Geoffrey
+    Hinton. "Regularizing Neural Networks by Penalizing Confident Output
+    Distributions." ICLR 2017 workshop, arXiv:1701.06548.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def check_strength(strength: Any) -> float:
+    """`strength` as a float, or a ValueError naming it."""
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(strength, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(
+            "`strength` must be a finite number >= 0. Received: strength="
+            f"{strength!r}"
+        )
+    return value
+
+
+class Penalty:
+    """Base class of everything ``compile(seht=...)`` accepts.
+
+    Subclasses set the class attributes below, validate their arguments in
+    ``__init__``, return every constructor argument from ``get_config``,
+    and are registered with ``keras.saving.register_keras_serializable``.
+
+    Args:
+        strength: Multiplier of the penalty in the loss (>= 0).
+    """
+
+    #: The key under which the train step logs the penalty's value R.
+    log_name = "penalty"
+    #: Whether R is a function of the loss gradient dL/dw (then the train
+    #: step keeps that gradient differentiable: a double backward).
+    needs_loss_gradient = False
+    #: Whether R is a function of d(output)/d(input).
+    needs_input_gradient = False
+
+    def __init__(self, strength: float = 1e-3) -> None:
+        self.strength = check_strength(strength)
+
+    @property
+    def needs_double_backward(self) -> bool:
+        """Whether R's weight gradient needs second-order autodiff."""
+        return self.needs_loss_gradient or self.needs_input_gradient
+
+    def get_config(self) -> dict[str, Any]:
+        return {"strength": self.strength}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Penalty":
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{self.__class__.__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(self) is type(other)
+            and self.get_config() == other.get_config()  # type: ignore
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, repr(self)))
+
+
+def flatten_outputs(y_pred: Any) -> Any:
+    """The model's outputs as one ``(batch, features)`` matrix.
+
+    The feature count is static whenever the output shapes are (only the
+    batch may be dynamic, as in a retraced TensorFlow step).
+    """
+    parts = []
+    for t in keras.tree.flatten(y_pred):
+        features = tuple(t.shape[1:])
+        size = -1 if None in features else math.prod(features)
+        parts.append(ops.reshape(t, (ops.shape(t)[0], size)))
+    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1)
+
+
+def float_inputs(x: Any) -> list[int]:
+    """Positions, in ``keras.tree.flatten(x)``, of the floating inputs."""
+    positions = [
+        i
+        for i, t in enumerate(keras.tree.flatten(x))
+        if t is not None and "float" in keras.backend.standardize_dtype(t.dtype)
+    ]
+    if not positions:
+        raise ValueError(
+            "The `Jacobian` penalty differentiates the model's output with "
+            "respect to its input, but the model has no floating-point input "
+            "(integer inputs such as token ids have no derivative). Apply "
+            "it to models with float inputs, or drop it from `seht`."
+        )
+    return positions
+
+
+@keras.saving.register_keras_serializable(package="keras_seht")
+class Jacobian(Penalty):
+    r"""Jacobian regularization (Hoffman et al. 2019).
+
+    For a batch of :math:`B` inputs :math:`X` and the model's outputs
+    :math:`Z \in \mathbb{R}^{B \times C}` (every output, flattened per
+    sample; the logits if the model outputs logits),
+
+    .. math::
+
+        R = \frac{1}{B} \Big\lVert \frac{\partial Z}{\partial X}
+            \Big\rVert_F^2,
+
+    the mean over the batch of :math:`\lVert J(x_i) \rVert_F^2`, where
+    :math:`J(x_i)` is the Jacobian of sample :math:`i`'s output with
+    respect to its input (exactly so when samples do not interact, i.e.
+    without training-mode BatchNorm; otherwise the cross-sample derivatives
+    count too). Estimated as in the paper with ``n_proj`` random
+    projections: each row :math:`v_{k,i}` of :math:`V_k \in
+    \mathbb{R}^{B\times C}` is uniform on the unit sphere, so
+    :math:`E[C\, \mathrm{vec}(V_k)\mathrm{vec}(V_k)^\top] = I` and
+
+    .. math::
+
+        \hat R = \frac{C}{n_\text{proj} B} \sum_{k=1}^{n_\text{proj}}
+            \Big\lVert \frac{\partial\, \langle V_k, Z\rangle}{\partial X}
+            \Big\rVert^2, \qquad E[\hat R] = R.
+
+    Each projection costs one vector-Jacobian product (a backward pass
+    w.r.t. the input), itself differentiated for the weight gradient.
+    ``exact=True`` uses the :math:`BC` one-hot projections instead and
+    returns :math:`R` exactly (:math:`BC` backward passes: for tests and
+    small models). The penalty is the sum over all floating-point inputs;
+    ``sample_weight`` is not applied to it.
+
+    Hoffman et al. write the penalty as :math:`\frac{\lambda_{JR}}{2}
+    \lVert J\rVert_F^2`; here it is ``strength`` times the norm. The SEHT
+    paper's baseline uses ``n_proj=1`` and 0.01.
+
+    Args:
+        strength: Multiplier of R in the loss.
+        n_proj: Random projections per step (>= 1).
+        exact: Compute R exactly (ignores ``n_proj``).
+
+    Example:
+
+    >>> Jacobian(strength=0.01, n_proj=1)
+    Jacobian(strength=0.01, n_proj=1, exact=False)
+    """
+
+    log_name = "jacobian_norm"
+    needs_input_gradient = True
+
+    def __init__(
+        self, strength: float = 0.01, n_proj: int = 1, exact: bool = False
+    ) -> None:
+        super().__init__(strength)
+        if isinstance(n_proj, bool) or not isinstance(
+            n_proj, (int, np.integer)
+        ):
+            raise ValueError(
+                f"`n_proj` must be an integer >= 1. Received: n_proj={n_proj!r}"
+            )
+        if n_proj < 1:
+            raise ValueError(
+                f"`n_proj` must be an integer >= 1. Received: n_proj={n_proj}"
+            )
+        if not isinstance(exact, (bool, np.bool_)):
+            raise ValueError(
+                f"`exact` must be a bool. Received: exact={exact!r}"
+            )
+        self.n_proj = int(n_proj)
+        self.exact = bool(exact)
+
+    def projections(
+        self, shape: Sequence[Any], dtype: Any = "float32", seed: Any = None
+    ) -> tuple[list[Any], float]:
+        r"""The projections :math:`V_k` for outputs `z` and their weight.
+
+        Args:
+            shape: ``(B, C)``, the shape of the output matrix
+                (`flatten_outputs`); B may be a tensor (a dynamic batch).
+            dtype: The output dtype.
+            seed: A `keras.random.SeedGenerator` (advanced) or an int.
+
+        Returns:
+            ``(projections, weight)``: a list of ``(B, C)`` tensors and the
+            factor with :math:`\hat R = \text{weight} \cdot \frac{1}{B}
+            \sum_k \lVert \partial\langle V_k, Z\rangle/\partial X
+            \rVert^2`.
+        """
+        batch, features = shape
+        if not isinstance(features, (int, np.integer)):
+            raise ValueError(
+                "The `Jacobian` penalty needs model outputs of a static size "
+                f"per sample; got a dynamic one ({features})."
+            )
+        if self.exact:
+            if not isinstance(batch, (int, np.integer)):
+                raise ValueError(
+                    "`Jacobian(exact=True)` needs a static batch size; this "
+                    "step was traced with an unknown one. Use the random "
+                    "projections (exact=False) or a fixed batch size."
+                )
+            size = batch * features
+            eye = np.eye(size, dtype="float32").reshape(size, batch, features)
+            return [ops.cast(e, dtype) for e in eye], 1.0
+        out = []
+        for _ in range(self.n_proj):
+            g = keras.random.normal(tuple(shape), dtype="float32", seed=seed)
+            v = g / ops.sqrt(ops.sum(ops.square(g), axis=1, keepdims=True))
+            out.append(ops.cast(v, dtype))
+        return out, float(features) / self.n_proj
+
+    @staticmethod
+    def norm_from_products(
+        products: Sequence[Sequence[Any]], weight: float, batch_size: Any
+    ) -> Any:
+        r"""``weight / B * sum_k ||d<V_k, Z>/dX||^2`` from the products.
+
+        Args:
+            products: For each projection, the input gradients of
+                :math:`\langle V_k, Z\rangle` (one per float input).
+            weight: From `projections`.
+            batch_size: B.
+        """
+        total = 0.0
+        for grads in products:
+            for g in grads:
+                total = total + ops.sum(ops.square(ops.cast(g, "float32")))
+        return total * (weight / ops.cast(batch_size, "float32"))
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "strength": self.strength,
+            "n_proj": self.n_proj,
+            "exact": self.exact,
+        }
+
+
+def _loss_from_logits(model: keras.Model) -> bool | None:
+    """``from_logits`` of the compiled loss, or None if it cannot be told."""
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, str):
+        return False  # Keras' string losses take probabilities
+    config = getattr(loss, "get_config", None)
+    if config is not None:
+        value = config().get("from_logits")
+        if isinstance(value, bool):
+            return value
+    return None
+
+
+@keras.saving.register_keras_serializable(package="keras_seht")
+class ConfidencePenalty(Penalty):
+    r"""Confidence penalty (Pereyra et al. 2017).
+
+    Penalizes confident (low-entropy) predictions by adding
+
+    .. math::
+
+        R = -\frac{1}{N} \sum_{n} s_n H(p_n), \qquad
+        H(p) = -\sum_c p_c \log p_c,
+
+    to the loss, i.e. ``loss - strength * mean entropy``, where :math:`p_n`
+    is the predicted distribution over the last axis of the model's output
+    (so :math:`N` counts every position of a sequence model), :math:`s_n`
+    the sample weight (1 without one). The logged ``negative_entropy`` is
+    R. Costs one softmax; first-order, no double backward.
+
+    Args:
+        strength: :math:`\beta` in the paper (which tunes it in
+            [0.1, 10] for classification).
+        from_logits: Whether the model outputs logits. None (default): read
+            it from the compiled loss (``from_logits`` of a Keras loss
+            object; a string loss means probabilities), and raise a
+            ValueError when that is impossible.
+
+    Example:
+
+    >>> ConfidencePenalty(strength=0.1, from_logits=True)
+    ConfidencePenalty(strength=0.1, from_logits=True)
+    """
+
+    log_name = "negative_entropy"
+
+    def __init__(
+        self, strength: float = 0.1, from_logits: bool | None = None
+    ) -> None:
+        super().__init__(strength)
+        if from_logits is not None and not isinstance(
+            from_logits, (bool, np.bool_)
+        ):
+            raise ValueError(
+                "`from_logits` must be True, False or None. Received: "
+                f"from_logits={from_logits!r}"
+            )
+        self.from_logits = None if from_logits is None else bool(from_logits)
+
+    def resolve_from_logits(self, model: keras.Model) -> bool:
+        """`from_logits`, read from the compiled loss when it is None."""
+        if self.from_logits is not None:
+            return self.from_logits
+        value = _loss_from_logits(model)
+        if value is None:
+            raise ValueError(
+                "ConfidencePenalty could not tell whether the model outputs "
+                f"logits from its loss {getattr(model, 'loss', None)!r}. Pass "
+                "ConfidencePenalty(from_logits=True) or (from_logits=False)."
+            )
+        return value
+
+    def value(
+        self, model: keras.Model, y_pred: Any, sample_weight: Any = None
+    ) -> Any:
+        """R for the model's output `y_pred` (a single tensor)."""
+        if not hasattr(y_pred, "shape"):
+            raise ValueError(
+                "ConfidencePenalty needs a model with a single output; got "
+                f"{type(y_pred).__name__} outputs."
+            )
+        if self.resolve_from_logits(model):
+            log_p = ops.log_softmax(ops.cast(y_pred, "float32"), axis=-1)
+        else:
+            eps = keras.config.epsilon()
+            probs = ops.cast(y_pred, "float32")
+            probs = probs / ops.sum(probs, axis=-1, keepdims=True)
+            log_p = ops.log(ops.clip(probs, eps, 1.0))
+        negative_entropy = ops.sum(ops.exp(log_p) * log_p, axis=-1)
+        if sample_weight is not None:
+            weight = ops.cast(sample_weight, "float32")
+            while len(weight.shape) < len(negative_entropy.shape):
+                weight = ops.expand_dims(weight, -1)
+            negative_entropy = negative_entropy * weight
+        return ops.mean(negative_entropy)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"strength": self.strength, "from_logits": self.from_logits}
+
+
+@keras.saving.register_keras_serializable(package="keras_seht")
+class GradientNorm(Penalty):
+    r"""Gradient-norm penalty: the first-order cousin of SEHT.
+
+    .. math::
+
+        R = \lVert \nabla_w L(w) \rVert^2,
+
+    the squared norm of the compiled loss's gradient with respect to all
+    trainable weights (the penalty of Drucker & LeCun's double
+    backpropagation, on the weights). Its gradient is :math:`2 H \nabla L`,
+    a Hessian-vector product: one double backward, like SEHT-H with one
+    probe but deterministic. It is computed from the same differentiable
+    gradient as the loss's own, so combined with SEHT it costs one more
+    HVP.
+
+    Args:
+        strength: Multiplier of R in the loss.
+
+    Example:
+
+    >>> GradientNorm(strength=0.01)
+    GradientNorm(strength=0.01)
+    """
+
+    log_name = "gradient_norm_sq"
+    needs_loss_gradient = True
+
+    def __init__(self, strength: float = 0.01) -> None:
+        super().__init__(strength)
