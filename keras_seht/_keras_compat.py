@@ -59,6 +59,20 @@ def compute_loss(
     )
 
 
+def compiled_loss(
+    model: keras.Model, y: Any, y_pred: Any, sample_weight: Any
+) -> Any:
+    """The loss given to ``compile(loss=...)`` (without ``model.losses``)."""
+    loss = getattr(model, "_compile_loss", None)
+    if loss is None:
+        raise ValueError(
+            "`curvature='gauss_newton'` differentiates the loss given to "
+            "`compile(loss=...)` with respect to the model's outputs, but "
+            "this model was compiled without one."
+        )
+    return loss(y, y_pred, sample_weight)
+
+
 def loss_tracker(model: keras.Model) -> keras.metrics.Metric:
     """The ``Mean`` metric that ``fit`` logs as ``loss``."""
     return model._loss_tracker

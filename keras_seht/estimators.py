@@ -34,6 +34,9 @@ from keras_seht.penalties import Penalty
 
 Seed = int | keras.random.SeedGenerator | None
 
+#: The curvature matrices an estimator can probe.
+CURVATURES = ("hessian", "gauss_newton")
+
 
 def _check_max_iter(max_iter: Any) -> int:
     if isinstance(max_iter, bool) or not isinstance(
@@ -64,7 +67,7 @@ def _check_probability(name: str, value: Any, high: float) -> float:
 
 
 class CurvatureEstimator(Penalty):
-    """Base class of the SEHT estimators (penalties R = t).
+    r"""Base class of the SEHT estimators (penalties R = t).
 
     A subclass defines `sample_probes` (one random probe per call) and
     `layer_weights` (what the probe's expectation weighs each layer's
@@ -77,18 +80,74 @@ class CurvatureEstimator(Penalty):
     variable, return every constructor argument from ``get_config``, and
     decorate the class with ``keras.saving.register_keras_serializable``.
 
+    Curvature. With ``curvature="hessian"`` (the paper's) the quadratic
+    form is that of the loss Hessian :math:`H = \nabla^2_w L`, which is
+    indefinite for real networks: a negative :math:`t` is then *rewarded*,
+    and the penalty is unbounded below. ``curvature="gauss_newton"`` uses
+    the generalized Gauss-Newton matrix instead,
+
+    .. math::
+
+        G = J^\top H_z J, \qquad t = \sigma^\top G \sigma = u^\top H_z u,
+        \quad u = J\sigma,
+
+    with :math:`J = \partial z/\partial w` the Jacobian of the model's
+    outputs :math:`z` and :math:`H_z = \nabla^2_z \ell` the Hessian of the
+    compiled loss with respect to them. :math:`G` is positive semi-definite
+    whenever the loss is convex in the outputs (cross-entropy, MSE), so
+    :math:`t \ge 0`; it drops the term :math:`\sum_k \partial_{z_k}\ell\,
+    \nabla^2_w z_k` of :math:`H`, and equals :math:`H` on the weights of
+    a last linear layer. One sample costs one Jacobian-vector product and
+    an output-space quadratic form (no Hessian-vector product of the
+    network). The losses in ``model.losses`` (weight regularizers) are not
+    part of :math:`G`. ``clip_negative=True`` (Hessian only) penalizes
+    :math:`\max(t, 0)`, so negative curvature is never rewarded; the logs
+    then still show the raw :math:`t`, and ``seht_negative_fraction`` the
+    share of steps with :math:`t < 0`.
+
     Args:
         max_iter: Number of independent probes averaged per training step.
         strength: Multiplier of the trace estimate added to the loss.
+        curvature: ``"hessian"`` (default) or ``"gauss_newton"``.
+        clip_negative: Penalize ``max(t, 0)`` instead of ``t``.
     """
 
     log_name = "seht_trace"
-    #: t is a function of the loss gradient (its HVPs): double backward.
-    needs_loss_gradient = True
 
-    def __init__(self, max_iter: int = 1, strength: float = 1e-3) -> None:
+    def __init__(
+        self,
+        max_iter: int = 1,
+        strength: float = 1e-3,
+        curvature: str = "hessian",
+        clip_negative: bool = False,
+    ) -> None:
         super().__init__(strength)
         self.max_iter = _check_max_iter(max_iter)
+        if curvature not in CURVATURES:
+            raise ValueError(
+                f"`curvature` must be one of {CURVATURES}. Received: "
+                f"curvature={curvature!r}"
+            )
+        if not isinstance(clip_negative, (bool, np.bool_)):
+            raise ValueError(
+                "`clip_negative` must be a bool. Received: clip_negative="
+                f"{clip_negative!r}"
+            )
+        self.curvature = curvature
+        self.clip_negative = bool(clip_negative)
+
+    @property
+    def needs_loss_gradient(self) -> bool:  # type: ignore[override]
+        """Hessian: t is built from HVPs of the loss gradient."""
+        return self.curvature == "hessian"
+
+    @property
+    def needs_double_backward(self) -> bool:
+        return True
+
+    def objective_value(self, t: Any) -> Any:
+        """What enters the loss: t, or max(t, 0) with ``clip_negative``."""
+        return ops.maximum(t, 0.0) if self.clip_negative else t
 
     def sample_probes(
         self, layout: WeightLayout, seed: Seed = None, dtype: str = "float32"
@@ -176,7 +235,12 @@ class CurvatureEstimator(Penalty):
         return total
 
     def get_config(self) -> dict[str, Any]:
-        return {"max_iter": self.max_iter, "strength": self.strength}
+        return {
+            "max_iter": self.max_iter,
+            "strength": self.strength,
+            "curvature": self.curvature,
+            "clip_negative": self.clip_negative,
+        }
 
 
 @keras.saving.register_keras_serializable(package="keras_seht")
@@ -198,6 +262,9 @@ class SEHTH(CurvatureEstimator):
     Args:
         max_iter: Probes averaged per step (the paper uses 5).
         strength: Multiplier of the trace in the loss (paper: 1e-3).
+        curvature: ``"hessian"`` or ``"gauss_newton"`` (see
+            `CurvatureEstimator`).
+        clip_negative: Penalize ``max(t, 0)`` (Hessian only).
 
     Example:
 
@@ -254,6 +321,9 @@ class SEHTD(CurvatureEstimator):
         include_output_layer: Always draw the output layer (the last layer
             owning trainable weights).
         unbiased: Rescale so the estimate is unbiased for the full trace.
+        curvature: ``"hessian"`` or ``"gauss_newton"`` (see
+            `CurvatureEstimator`).
+        clip_negative: Penalize ``max(t, 0)`` (Hessian only).
 
     Example:
 
@@ -270,8 +340,15 @@ class SEHTD(CurvatureEstimator):
         layer_p: float | None = None,
         include_output_layer: bool = True,
         unbiased: bool = False,
+        curvature: str = "hessian",
+        clip_negative: bool = False,
     ) -> None:
-        super().__init__(max_iter=max_iter, strength=strength)
+        super().__init__(
+            max_iter=max_iter,
+            strength=strength,
+            curvature=curvature,
+            clip_negative=clip_negative,
+        )
         self.p = _check_probability("p", p, 0.5)
         self.layer_p = (
             self.p

@@ -21,6 +21,7 @@ from keras_seht.layout import WeightLayout, weight_layout
 from keras_seht.penalties import Penalty
 
 SKIPPED_LOG_KEY = "seht_skipped"
+NEGATIVE_LOG_KEY = "seht_negative_fraction"
 
 
 class SEHTTrainer:
@@ -29,7 +30,9 @@ class SEHTTrainer:
     Adds to the training logs (and the progress bar) the epoch mean of
     each penalty's value before it is scaled by ``strength``, under the
     penalty's ``log_name`` (``seht_trace`` for the SEHT estimate t,
-    ``jacobian_norm``, ``negative_entropy``, ``gradient_norm_sq``), and
+    ``jacobian_norm``, ``negative_entropy``, ``gradient_norm_sq``), with a
+    curvature estimator ``seht_negative_fraction`` (the share of the
+    epoch's steps whose t was negative), and
     ``seht_skipped``, the number of steps in the epoch whose penalty was
     NaN/Inf and was therefore left out (those steps apply the plain loss
     gradient). ``loss`` is the total objective L + sum strength * R, as
@@ -70,6 +73,8 @@ class SEHTTrainer:
     def seht_log_keys(self) -> tuple[str, ...]:
         """The log entries the penalties add (empty without ``seht``)."""
         names = tuple(p.log_name for p in self.seht_penalties)
+        if self.seht_estimator is not None:
+            names += (NEGATIVE_LOG_KEY,)
         return names + (SKIPPED_LOG_KEY,) if names else ()
 
     @property
@@ -116,6 +121,8 @@ class SEHTTrainer:
             object.__setattr__(self, "_seht_trackers", None)
             return
         trackers = [keras.metrics.Mean(name=p.log_name) for p in penalties]
+        if any(isinstance(p, CurvatureEstimator) for p in penalties):
+            trackers.append(keras.metrics.Mean(name=NEGATIVE_LOG_KEY))
         trackers.append(keras.metrics.Sum(name=SKIPPED_LOG_KEY))
         object.__setattr__(self, "_seht_trackers", tuple(trackers))
         if (
@@ -146,6 +153,11 @@ class SEHTTrainer:
             finite: Whether all of them were finite (a bool or a tensor).
         """
         *value_trackers, skipped_tracker = self._seht_trackers
+        values = list(values)
+        estimator = self.seht_estimator
+        if estimator is not None:
+            t = values[self.seht_penalties.index(estimator)]
+            values.append(keras.ops.cast(keras.ops.less(t, 0.0), "float32"))
         if isinstance(finite, bool):
             if finite:
                 for tracker, value in zip(value_trackers, values):

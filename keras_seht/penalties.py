@@ -81,6 +81,10 @@ class Penalty:
         """Whether R's weight gradient needs second-order autodiff."""
         return self.needs_loss_gradient or self.needs_input_gradient
 
+    def objective_value(self, value: Any) -> Any:
+        """What enters the loss for a computed value R (R itself here)."""
+        return value
+
     def get_config(self) -> dict[str, Any]:
         return {"strength": self.strength}
 

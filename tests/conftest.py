@@ -117,8 +117,8 @@ class FixedProbes(CurvatureEstimator):
     step; cycling modulo ``len(probes)`` keeps their order in every trace.
     """
 
-    def __init__(self, probes, strength=STRENGTH):
-        super().__init__(max_iter=len(probes), strength=strength)
+    def __init__(self, probes, strength=STRENGTH, **kwargs):
+        super().__init__(max_iter=len(probes), strength=strength, **kwargs)
         self.probes = [
             [np.asarray(p, "float32") for p in probe] for probe in probes
         ]

@@ -321,7 +321,13 @@ def test_fit_with_validation_callbacks_and_metrics():
         verbose=0,
     ).history
 
-    train_keys = {"loss", "accuracy", "seht_trace", "seht_skipped"}
+    train_keys = {
+        "loss",
+        "accuracy",
+        "seht_trace",
+        "seht_negative_fraction",
+        "seht_skipped",
+    }
     val_keys = {"val_loss", "val_accuracy"}
     assert set(history) == train_keys | val_keys
     assert "val_seht_trace" not in history

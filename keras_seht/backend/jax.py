@@ -179,6 +179,52 @@ def probe_estimate(
     return jnp.mean(per_probe), (value, grads, aux)
 
 
+def gauss_newton_estimate(
+    fn: Callable[[list[Any]], tuple[Any, Any]],
+    trainable_values: list[Any],
+    probes: list[Any],
+    output_loss: Callable[[Any], Any],
+) -> tuple[jax.Array, tuple[Any, Any]]:
+    """mean_k u_k^T H_z u_k with u_k = J sigma_k, and f(w) as a by-product.
+
+    Args:
+        fn: ``w -> (f(w), extra)`` with the model outputs at
+            ``extra[0][1]`` (the aux of ``compute_loss_and_updates``).
+        trainable_values: The point ``w``.
+        probes: One array per variable, each with a leading probe axis.
+        output_loss: ``z -> loss`` as a function of the model outputs.
+
+    Returns:
+        ``t`` (differentiable in ``w``) and ``(f(w), extra)``.
+
+    u = J sigma is one forward-mode pass (``jax.jvp``) through the same
+    forward computation as the loss, vmapped over the probes (the primal
+    pass is shared); H_z u is a forward-over-reverse product of
+    `output_loss` in output space.
+    """
+
+    def primal(w: list[Any]) -> tuple[Any, Any]:
+        value, extra = fn(w)
+        return (value, extra[0][1]), extra
+
+    def jvp_one(sigma: list[Any]) -> tuple[Any, Any, Any]:
+        primals, tangents, extra = jax.jvp(
+            primal, (trainable_values,), (sigma,), has_aux=True
+        )
+        return primals, extra, tangents[1]
+
+    (value, y_pred), extra, u = jax.vmap(jvp_one, out_axes=(None, None, 0))(
+        probes
+    )
+    grad_z = jax.grad(output_loss)
+
+    def quadratic(du: Any) -> jax.Array:
+        h_u = jax.jvp(grad_z, (y_pred,), (du,))[1]
+        return _dot(jax.tree.leaves(du), jax.tree.leaves(h_u))
+
+    return jnp.mean(jax.vmap(quadratic)(u)), (value, extra)
+
+
 def train_step(
     model: keras.Model, state: State, data: Any
 ) -> tuple[Any, State]:
@@ -250,6 +296,12 @@ def train_step(
             ),
         )
 
+    def output_loss(z: Any) -> Any:
+        # The compiled loss of the outputs z (scaled like f); its metric
+        # trackers' updates are discarded.
+        with keras.StatelessScope():
+            return compat.compiled_loss(model, y, z, sample_weight) * scale
+
     def base_fn(w: list[Any]) -> tuple[Any, Any]:
         """w -> (scaled L, (aux, {index: scaled first-order R_j}))."""
         first_order = {}
@@ -279,7 +331,13 @@ def train_step(
     def objective(w: list[Any]) -> tuple[Any, Any]:
         """w -> ((scaled L, sum_j strength_j scaled R_j), by-products)."""
         grads = None
-        if estimator is not None:
+        if estimator is not None and estimator.curvature == "gauss_newton":
+            scaled_t, (scaled_loss, (aux, first_order)) = gauss_newton_estimate(
+                base_fn, w, probes, output_loss
+            )
+            if needs_gradient:  # GradientNorm
+                grads = jax.grad(lambda v: base_fn(v)[0])(w)
+        elif estimator is not None:
             scaled_t, (scaled_loss, grads, (aux, first_order)) = probe_estimate(
                 base_fn, w, probes
             )
@@ -300,7 +358,8 @@ def train_step(
             else:
                 raise TypeError(f"Unsupported `seht` penalty: {penalty!r}")
         penalty_sum = sum(
-            p.strength * v for p, v in zip(penalties, scaled_values)
+            p.strength * p.objective_value(v)
+            for p, v in zip(penalties, scaled_values)
         )
         return (scaled_loss, penalty_sum), (scaled_values, grads, aux)
 
@@ -328,7 +387,9 @@ def train_step(
         fallback = loss_grads
     # Select, never multiply: 0 * NaN would still be NaN.
     grads = [jnp.where(finite, gt, gf) for gt, gf in zip(total_grads, fallback)]
-    penalty_total = sum(p.strength * v for p, v in zip(penalties, values))
+    penalty_total = sum(
+        p.strength * p.objective_value(v) for p, v in zip(penalties, values)
+    )
     total_loss = jnp.where(finite, unscaled_loss + penalty_total, unscaled_loss)
 
     trainable_values, optimizer_values = model.optimizer.stateless_apply(

@@ -101,6 +101,58 @@ def _loss_scale(optimizer: Any, dtype: tf.DType) -> tf.Tensor:
     return tf.cast(optimizer.scale_loss(one), dtype)
 
 
+def _gauss_newton_estimate(
+    model: keras.Model,
+    inner: tf.GradientTape,
+    y: Any,
+    y_pred: Any,
+    sample_weight: Any,
+    probes: Sequence[Sequence[Any]],
+    scale: tf.Tensor,
+) -> tf.Tensor:
+    """mean_k u_k^T H_z u_k, u_k = J sigma_k, recorded by enclosing tapes.
+
+    `inner` (persistent) recorded the forward pass. u = J sigma comes from
+    the "double-vjp" trick: J^T v = ``inner.gradient(z, w, v)`` is linear
+    in a watched dummy v, and its derivative along sigma is J sigma. H_z u
+    is the derivative of the compiled loss's output gradient along u,
+    taken at a copy of the outputs so that only the loss is differentiated.
+    """
+    import tensorflow as tf
+
+    trainable = list(model.trainable_weights)
+    outputs = keras.tree.flatten(y_pred)
+    with tf.GradientTape(
+        watch_accessed_variables=False, persistent=len(probes) > 1
+    ) as dummy_tape:
+        dummies = [tf.zeros_like(z) for z in outputs]
+        dummy_tape.watch(dummies)
+        jacobian_t_v = inner.gradient(
+            outputs, trainable, output_gradients=dummies
+        )
+        jacobian_t_v = [
+            tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g)
+            for g, v in zip(jacobian_t_v, trainable)
+        ]
+        directional = [_dot(jacobian_t_v, sigma) for sigma in probes]
+    us = [_gradient(dummy_tape, d, dummies) for d in directional]
+    del dummy_tape
+    copies = [tf.identity(z) for z in outputs]
+    with tf.GradientTape(
+        watch_accessed_variables=False, persistent=len(probes) > 1
+    ) as second:
+        second.watch(copies)
+        with tf.GradientTape(watch_accessed_variables=False) as first:
+            first.watch(copies)
+            packed = keras.tree.pack_sequence_as(y_pred, copies)
+            output_loss = compat.compiled_loss(model, y, packed, sample_weight)
+            output_loss = tf.cast(output_loss, scale.dtype) * scale
+        output_grads = _gradient(first, output_loss, copies)
+        along = [_dot(output_grads, u) for u in us]
+    values = [_dot(u, _gradient(second, a, copies)) for u, a in zip(us, along)]
+    return tf.add_n(values) / len(probes)
+
+
 def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     """One step of L + sum_j strength_j R_j (``model.seht`` is not None).
 
@@ -130,6 +182,9 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     jacobian = next((p for p in penalties if isinstance(p, Jacobian)), None)
     optimizer = model.optimizer
     num_probes = estimator.max_iter if estimator is not None else 0
+    gauss_newton = (
+        estimator is not None and estimator.curvature == "gauss_newton"
+    )
     leaves = []
     if jacobian is not None:
         flat = keras.tree.flatten(x)
@@ -139,7 +194,7 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     with tf.GradientTape() as outer:
         with tf.GradientTape(persistent=num_probes > 1) as middle:
             with (
-                tf.GradientTape() as inner,
+                tf.GradientTape(persistent=gauss_newton) as inner,
                 tf.GradientTape(
                     watch_accessed_variables=False,
                     persistent=jacobian is not None
@@ -179,11 +234,17 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
             ]
             # Recorded by `middle` and `outer`: g stays differentiable.
             grads = _gradient(inner, scaled_loss, trainable)
-            products = [_dot(grads, sigma) for sigma in probes]
+            products = []
+            if not gauss_newton:
+                products = [_dot(grads, sigma) for sigma in probes]
         # Recorded by `outer`: every R_j stays differentiable.
         scaled_values = []
         for penalty in penalties:
-            if penalty is estimator:
+            if penalty is estimator and gauss_newton:
+                value = _gauss_newton_estimate(
+                    model, inner, y, y_pred, sample_weight, probes, scale
+                )
+            elif penalty is estimator:
                 quadratic_forms = []
                 for sigma, product in zip(probes, products):
                     h = _gradient(middle, product, trainable)
@@ -202,10 +263,13 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
                 raise TypeError(f"Unsupported `seht` penalty: {penalty!r}")
             scaled_values.append(tf.cast(value, scale.dtype))
         objective = tf.add_n(
-            [p.strength * v for p, v in zip(penalties, scaled_values)]
+            [
+                p.strength * p.objective_value(v)
+                for p, v in zip(penalties, scaled_values)
+            ]
         )
     grad_penalty = _gradient(outer, objective, trainable)
-    del middle, inputs
+    del middle, inputs, inner
 
     values = [v / scale for v in scaled_values]
     finite = tf.reduce_all(tf.math.is_finite(tf.stack(values)))
@@ -227,7 +291,7 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     ]
     loss = tf.cast(loss, scale.dtype)
     penalty_total = tf.add_n(
-        [p.strength * v for p, v in zip(penalties, values)]
+        [p.strength * p.objective_value(v) for p, v in zip(penalties, values)]
     )
     total = tf.where(finite, loss + penalty_total, loss)
 

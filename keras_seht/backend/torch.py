@@ -92,6 +92,40 @@ def probe_estimate(
     return torch.stack(values).mean()
 
 
+def gauss_newton_estimate(
+    model: keras.Model,
+    y: Any,
+    y_pred: Any,
+    sample_weight: Any,
+    params: Sequence[torch.Tensor],
+    probes: Sequence[Sequence[torch.Tensor]],
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """mean_k u_k^T H_z u_k, u_k = J sigma_k, differentiable in the weights.
+
+    u = J sigma comes from two reverse passes (the "double-vjp" trick):
+    J^T v for a dummy cotangent v, built with ``create_graph``, is linear
+    in v, so its derivative with respect to v along sigma is J sigma.
+    H_z u is the derivative of the compiled loss's output gradient along
+    u, taken at a copy of the outputs so that only the loss (not u, which
+    reaches the outputs through saved activations) is differentiated.
+    """
+    outputs = keras.tree.flatten(y_pred)
+    dummies = [torch.zeros_like(z, requires_grad=True) for z in outputs]
+    jacobian_t_v = _grad(_dot(dummies, outputs), params, create_graph=True)
+    copies = [z.clone() for z in outputs]
+    output_loss = compat.compiled_loss(
+        model, y, keras.tree.pack_sequence_as(y_pred, copies), sample_weight
+    )
+    output_grads = _grad(output_loss * scale, copies, create_graph=True)
+    values = []
+    for sigma in probes:
+        u = _grad(_dot(jacobian_t_v, sigma), dummies, create_graph=True)
+        h_u = _grad(_dot(output_grads, u), copies, create_graph=True)
+        values.append(_dot(u, h_u))
+    return torch.stack(values).mean()
+
+
 def _input_products(
     penalty: Jacobian,
     z: torch.Tensor,
@@ -145,7 +179,12 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
                 )
                 for _ in range(estimator.max_iter)
             ]
-            value = probe_estimate(grads, params, probes, create_graph=True)
+            if estimator.curvature == "gauss_newton":
+                value = gauss_newton_estimate(
+                    model, y, y_pred, sample_weight, params, probes, scale
+                )
+            else:
+                value = probe_estimate(grads, params, probes, True)
         elif isinstance(penalty, GradientNorm):
             value = _dot(grads, grads) / scale
         elif isinstance(penalty, Jacobian):
@@ -160,12 +199,13 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     finite = bool(torch.all(torch.isfinite(torch.stack(values))))
     if finite:
         objective = sum(
-            p.strength * v for p, v in zip(penalties, scaled_values)
+            p.strength * p.objective_value(v)
+            for p, v in zip(penalties, scaled_values)
         )
         grad_penalty = _grad(objective, params, create_graph=False)
         gradients = [g.detach() + gp for g, gp in zip(grads, grad_penalty)]
         total = loss.detach() + sum(
-            p.strength * v for p, v in zip(penalties, values)
+            p.strength * p.objective_value(v) for p, v in zip(penalties, values)
         )
     elif isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
         # An overflow of the scaled HVP: a non-finite gradient makes the
