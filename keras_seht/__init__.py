@@ -28,6 +28,7 @@ from keras_seht.hessian import (
 )
 from keras_seht.layout import WeightLayout, weight_layout
 from keras_seht.model import Model, Sequential, wrap
+from keras_seht.spectrum import hessian_top_eigenvalue, hessian_trace_hutchpp
 from keras_seht.version import __version__
 
 __all__ = [
@@ -47,6 +48,8 @@ __all__ = [
     "exact_hessian_trace",
     "hessian_diagonal",
     "hessian_trace",
+    "hessian_trace_hutchpp",
+    "hessian_top_eigenvalue",
     "WeightLayout",
     "weight_layout",
     "__version__",

@@ -1,0 +1,469 @@
+r"""Curvature diagnostics as functions of a matrix-vector product.
+
+In the style of curvlinops, the estimators here only ever touch a symmetric
+linear operator :math:`A` (typically the loss Hessian :math:`H`) through a
+``matvec`` callable, so one implementation serves every Keras backend:
+
+- `hutchinson_trace`: Hutchinson's estimate of :math:`\operatorname{tr}(A)`;
+- `hutchpp_trace`: Hutch++, a low-rank deflated, lower-variance version;
+- `top_eigenvalue`: the largest-magnitude eigenvalue, by power iteration.
+
+A ``matvec`` maps a list of arrays, one per trainable variable (shaped like
+``shapes``), to a list of arrays of the same shapes. The estimators draw
+their probes with ``numpy.random.default_rng(seed)`` and do their linear
+algebra in float64 NumPy on the flattened vectors; the arrays handed to
+``matvec`` are float64 NumPy arrays, and it may return NumPy arrays or
+anything ``numpy.asarray`` converts (CPU tensors).
+
+`hessian_top_eigenvalue` and `hessian_trace_hutchpp` apply them to the
+Hessian of a compiled model's loss on one batch, through the backend's
+Hessian-vector product. Like the functions of `keras_seht.hessian`, they
+never modify the model (weights, BatchNorm statistics, seeds).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Sequence
+
+import keras
+import numpy as np
+
+from keras_seht import backend as seht_backend
+from keras_seht.hessian import _check_positive_int, _prepare
+
+#: A matrix-vector product: one array per variable in, the same shapes out.
+Matvec = Callable[[list[np.ndarray]], Sequence[Any]]
+
+
+# --------------------------------------------------------------------------
+# Argument validation
+# --------------------------------------------------------------------------
+
+
+def _check_seed(seed: Any) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(
+            f"`seed` must be an integer >= 0 or None. Received: {seed!r}"
+        )
+    if seed < 0:
+        raise ValueError(
+            f"`seed` must be an integer >= 0 or None. Received: {seed}"
+        )
+    return int(seed)
+
+
+def _check_tol(tol: Any) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise ValueError(
+            f"`tol` must be a finite number >= 0. Received: {tol!r}"
+        )
+    if not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"`tol` must be a finite number >= 0. Received: {tol}")
+    return float(tol)
+
+
+def _check_shapes(shapes: Any) -> list[tuple[int, ...]]:
+    message = (
+        "`shapes` must be a non-empty sequence of shapes (tuples of "
+        "integers >= 0) with at least one element in total. "
+        f"Received: {shapes!r}"
+    )
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence):
+        raise ValueError(message)
+    out = []
+    for shape in shapes:
+        if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+            shape = (shape,)
+        try:
+            dims = tuple(shape)
+        except TypeError:
+            raise ValueError(message) from None
+        for dim in dims:
+            if (
+                isinstance(dim, bool)
+                or not isinstance(dim, (int, np.integer))
+                or dim < 0
+            ):
+                raise ValueError(message)
+        out.append(tuple(int(d) for d in dims))
+    if not out or sum(math.prod(s) for s in out) == 0:
+        raise ValueError(message)
+    return out
+
+
+class _FlatOperator:
+    """``matvec`` seen as a map of flat float64 vectors of length ``n``."""
+
+    def __init__(self, matvec: Matvec, shapes: Any) -> None:
+        if not callable(matvec):
+            raise ValueError(
+                f"`matvec` must be callable. Received: {type(matvec).__name__}"
+            )
+        self.matvec = matvec
+        self.shapes = _check_shapes(shapes)
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.n = sum(self.sizes)
+        self.calls = 0
+
+    def __call__(self, flat: np.ndarray) -> np.ndarray:
+        pieces, offset = [], 0
+        for shape, size in zip(self.shapes, self.sizes):
+            pieces.append(flat[offset : offset + size].reshape(shape))
+            offset += size
+        outputs = list(self.matvec(pieces))
+        self.calls += 1
+        if len(outputs) != len(self.shapes):
+            raise ValueError(
+                f"`matvec` must return {len(self.shapes)} arrays, one per "
+                f"shape in `shapes`. It returned {len(outputs)}."
+            )
+        flat_out = []
+        for i, (out, size) in enumerate(zip(outputs, self.sizes)):
+            out = np.asarray(out, dtype="float64").reshape(-1)
+            if out.size != size:
+                raise ValueError(
+                    f"`matvec` returned an array of {out.size} elements at "
+                    f"position {i}, where `shapes` has {self.shapes[i]}."
+                )
+            flat_out.append(out)
+        return np.concatenate(flat_out)
+
+
+def _rademacher(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.integers(0, 2, size=shape).astype("float64") * 2.0 - 1.0
+
+
+# --------------------------------------------------------------------------
+# Backend-neutral estimators
+# --------------------------------------------------------------------------
+
+
+def hutchinson_trace(
+    matvec: Matvec,
+    shapes: Sequence[Sequence[int]],
+    samples: int = 100,
+    seed: int | None = 0,
+) -> tuple[float, float]:
+    r"""Hutchinson's estimate of :math:`\operatorname{tr}(A)`.
+
+    .. math::
+
+        \hat t = \frac{1}{m} \sum_{k=1}^{m} \sigma_k^\top A \sigma_k,
+        \qquad \sigma_k \in \{-1, +1\}^n \text{ i.i.d. uniform},
+
+    unbiased (Hutchinson, 1990) with per-probe variance
+    :math:`2 \sum_{i \ne j} A_{ij}^2` for a symmetric :math:`A`. Costs
+    ``samples`` matvecs.
+
+    Args:
+        matvec: The product :math:`v \mapsto A v`, on lists of arrays.
+        shapes: The shape of each array of a vector.
+        samples: Number of probes :math:`m`.
+        seed: Seed of ``numpy.random.default_rng`` (None: fresh entropy).
+
+    Returns:
+        ``(estimate, standard_error)``: the mean of the ``samples`` values
+        :math:`\sigma_k^\top A \sigma_k` and its standard error (the sample
+        standard deviation over :math:`\sqrt{m}`; ``inf`` for one sample).
+
+    Example:
+
+    >>> import numpy as np
+    >>> a = np.diag([1.0, 4.0, 2.0])
+    >>> hutchinson_trace(lambda v: [a @ v[0]], [(3,)], samples=5)
+    (7.0, 0.0)
+    """
+    samples = _check_positive_int("samples", samples)
+    rng = np.random.default_rng(_check_seed(seed))
+    op = _FlatOperator(matvec, shapes)
+    values = np.empty(samples)
+    for k in range(samples):
+        sigma = _rademacher(rng, (op.n,))
+        values[k] = sigma @ op(sigma)
+    mean = float(np.mean(values))
+    if samples == 1:
+        return mean, float("inf")
+    return mean, float(np.std(values, ddof=1) / math.sqrt(samples))
+
+
+def hutchpp_trace(
+    matvec: Matvec,
+    shapes: Sequence[Sequence[int]],
+    samples: int = 99,
+    seed: int | None = 0,
+) -> float:
+    r"""The Hutch++ estimate of :math:`\operatorname{tr}(A)`.
+
+    Hutch++ (Meyer, Musco, Musco and Woodruff, "Hutch++: Optimal Stochastic
+    Trace Estimation", SOSA 2021) computes the trace of a low-rank
+    approximation of :math:`A` exactly and runs Hutchinson's estimator on
+    the rest only. With :math:`m` = ``samples``, :math:`k = \lfloor m/3
+    \rfloor` and :math:`g = m - 2k`:
+
+    .. math::
+
+        S &\in \{\pm 1\}^{n \times k}, \quad
+        Q = \operatorname{orth}(A S), \quad
+        G \in \{\pm 1\}^{n \times g}, \quad P = I - Q Q^\top, \\
+        \hat t &= \operatorname{tr}(Q^\top A Q)
+          + \frac{1}{g} \operatorname{tr}(G^\top P A P G).
+
+    It is unbiased, and its variance only involves :math:`PAP`, what
+    :math:`A` has outside the subspace of its dominant eigenvectors that
+    :math:`Q` approximates; for a matrix with a few large eigenvalues that
+    is much less than Hutchinson's (relative error :math:`O(1/m)` instead
+    of :math:`O(1/\sqrt m)` for positive semi-definite :math:`A`).
+
+    Cost: exactly ``samples`` matvecs (:math:`k` for :math:`AS`,
+    :math:`k` for :math:`AQ`, :math:`g` for the residual) when
+    :math:`k \le n`. When :math:`k \ge n`, :math:`Q` spans the whole space
+    and the trace is exact after :math:`k + n` matvecs; with
+    ``samples < 3``, :math:`k = 0` and this is plain Hutchinson.
+
+    Args:
+        matvec: The product :math:`v \mapsto A v` of a symmetric
+            :math:`A`, on lists of arrays.
+        shapes: The shape of each array of a vector.
+        samples: The matvec budget :math:`m`.
+        seed: Seed of ``numpy.random.default_rng`` (None: fresh entropy).
+
+    Returns:
+        The estimate, a float.
+
+    Example:
+
+    >>> import numpy as np
+    >>> a = np.array([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 2.0]])
+    >>> round(hutchpp_trace(lambda v: [a @ v[0]], [(3,)], samples=9), 6)
+    7.0
+    """
+    samples = _check_positive_int("samples", samples)
+    rng = np.random.default_rng(_check_seed(seed))
+    op = _FlatOperator(matvec, shapes)
+    n = op.n
+    k = samples // 3
+    g = samples - 2 * k
+    sketch = _rademacher(rng, (n, k))
+    probes = _rademacher(rng, (n, g))
+    trace = 0.0
+    if k:
+        a_sketch = np.stack([op(sketch[:, j]) for j in range(k)], axis=1)
+        q, _ = np.linalg.qr(a_sketch)  # n x min(n, k), orthonormal columns
+        trace += float(sum(q[:, j] @ op(q[:, j]) for j in range(q.shape[1])))
+        if q.shape[1] >= n:
+            return trace  # Q spans everything: tr(Q^T A Q) = tr(A).
+        probes = probes - q @ (q.T @ probes)  # P G
+    residual = sum(probes[:, j] @ op(probes[:, j]) for j in range(g))
+    return trace + float(residual) / g
+
+
+def top_eigenvalue(
+    matvec: Matvec,
+    shapes: Sequence[Sequence[int]],
+    iters: int = 100,
+    seed: int | None = 0,
+    tol: float = 1e-6,
+) -> float:
+    r"""The largest-magnitude eigenvalue of a symmetric :math:`A`, signed.
+
+    Power iteration from a standard normal :math:`v_0`:
+
+    .. math::
+
+        w_k = A v_k, \qquad \lambda_k = v_k^\top w_k, \qquad
+        v_{k+1} = w_k / \lVert w_k \rVert,
+
+    stopped when :math:`|\lambda_k - \lambda_{k-1}| <`
+    ``tol`` :math:`\cdot |\lambda_k|` or after ``iters`` matvecs (one
+    per iteration). The Rayleigh quotient :math:`\lambda_k` carries the
+    sign of the eigenvalue: a dominant negative eigenvalue (a saddle or a
+    maximum of the loss) is returned negative.
+
+    Convergence caveats: the error of :math:`\lambda_k` shrinks like
+    :math:`|\lambda_2 / \lambda_1|^{2k}`, so it is slow when the two
+    largest magnitudes are close, and the early stop can fire before
+    convergence when progress is slow; when :math:`\lambda` and
+    :math:`-\lambda` are both the largest magnitude the iterates oscillate
+    and the value can lie anywhere in :math:`[-|\lambda|, |\lambda|]`. A
+    start orthogonal to the top eigenvector (probability zero) finds the
+    next one instead. The result is a lower bound on :math:`|\lambda_1|`
+    up to rounding; raise ``iters`` and lower ``tol`` to tighten it.
+
+    Args:
+        matvec: The product :math:`v \mapsto A v` of a symmetric
+            :math:`A`, on lists of arrays.
+        shapes: The shape of each array of a vector.
+        iters: Maximum number of iterations (= matvecs).
+        seed: Seed of the start vector (None: fresh entropy).
+        tol: Relative change of :math:`\lambda_k` that stops the
+            iteration; 0 runs all ``iters``.
+
+    Returns:
+        The eigenvalue estimate :math:`\lambda_k`, a float (0.0 if
+        :math:`A v_k = 0`).
+
+    Example:
+
+    >>> import numpy as np
+    >>> a = np.diag([1.0, -3.0, 2.0])
+    >>> round(top_eigenvalue(lambda v: [a @ v[0]], [(3,)], tol=1e-12), 6)
+    -3.0
+    """
+    iters = _check_positive_int("iters", iters)
+    tol = _check_tol(tol)
+    rng = np.random.default_rng(_check_seed(seed))
+    op = _FlatOperator(matvec, shapes)
+    v = rng.standard_normal(op.n)
+    v /= np.linalg.norm(v)
+    previous = None
+    eigenvalue = 0.0
+    for _ in range(iters):
+        w = op(v)
+        eigenvalue = float(v @ w)
+        norm = float(np.linalg.norm(w))
+        if not math.isfinite(norm):
+            return float("nan")
+        if norm == 0.0:
+            return 0.0
+        change = math.inf if previous is None else abs(eigenvalue - previous)
+        if change < tol * abs(eigenvalue):
+            break
+        previous = eigenvalue
+        v = w / norm
+    return eigenvalue
+
+
+# --------------------------------------------------------------------------
+# Model-level diagnostics
+# --------------------------------------------------------------------------
+
+
+def _hessian_operator(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    training: bool,
+) -> tuple[Matvec, list[tuple[int, ...]]]:
+    """The loss Hessian's matvec on NumPy arrays, and the weight shapes."""
+    x, y, sample_weight = _prepare(model, x, y, sample_weight)
+    hvp = seht_backend.get().HessianVectorProduct(
+        model, x, y, sample_weight, training
+    )
+    variables = list(model.trainable_variables)
+    shapes = [tuple(int(d) for d in v.shape) for v in variables]
+
+    def matvec(vectors: list[np.ndarray]) -> list[np.ndarray]:
+        tensors = [
+            keras.ops.convert_to_tensor(vec, dtype=var.dtype)
+            for vec, var in zip(vectors, variables)
+        ]
+        return [keras.ops.convert_to_numpy(h) for h in hvp(tensors)]
+
+    return matvec, shapes
+
+
+def hessian_top_eigenvalue(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    iters: int = 100,
+    seed: int | None = 0,
+    sample_weight: Any = None,
+    training: bool = False,
+    tol: float = 1e-6,
+) -> float:
+    r"""The largest-magnitude eigenvalue of the loss Hessian, signed.
+
+    Runs `top_eigenvalue` (power iteration on the Rayleigh quotient
+    :math:`\lambda_k = v_k^\top H v_k`, :math:`v_{k+1} = Hv_k/\lVert Hv_k
+    \rVert`) on the Hessian :math:`H = \nabla^2_w L` of the compiled loss
+    (with ``model.losses``) on the batch ``(x, y)`` at the current
+    trainable weights :math:`w`. At a minimum it is the sharpness
+    :math:`\lambda_{\max}(H)`; a negative value means that the most curved
+    direction is one of negative curvature. One Hessian-vector product per
+    iteration; the model is not modified. See `top_eigenvalue` for the
+    convergence caveats.
+
+    Args:
+        model: A compiled Keras model.
+        x, y: One batch (array-likes or tensors).
+        iters: Maximum number of power iterations (integer >= 1).
+        seed: Seed of the start vector (integer >= 0, or None).
+        sample_weight: Optional per-sample loss weights.
+        training: Run the forward pass in training mode.
+        tol: Relative change of the estimate that stops the iteration.
+
+    Returns:
+        The eigenvalue, a float.
+
+    Example:
+
+    >>> import keras, keras_seht, numpy as np
+    >>> from keras_seht.spectrum import hessian_top_eigenvalue
+    >>> model = keras_seht.Sequential([
+    ...     keras.Input((3,)), keras.layers.Dense(1, use_bias=False)])
+    >>> model.compile(loss="mse")
+    >>> x, y = np.eye(3) * [[1.0], [2.0], [3.0]], np.zeros((3, 1))
+    >>> round(hessian_top_eigenvalue(model, x, y), 3)  # 2 * 3**2 / 3
+    6.0
+    """
+    iters = _check_positive_int("iters", iters)
+    seed = _check_seed(seed)
+    tol = _check_tol(tol)
+    matvec, shapes = _hessian_operator(model, x, y, sample_weight, training)
+    return top_eigenvalue(matvec, shapes, iters=iters, seed=seed, tol=tol)
+
+
+def hessian_trace_hutchpp(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    samples: int = 99,
+    seed: int | None = 0,
+    sample_weight: Any = None,
+    training: bool = False,
+) -> float:
+    r"""The Hutch++ estimate of the loss Hessian's trace.
+
+    Runs `hutchpp_trace` on the Hessian :math:`H = \nabla^2_w L` of the
+    compiled loss on the batch ``(x, y)`` at the current trainable
+    weights: :math:`\operatorname{tr}(Q^\top H Q)` for an orthonormal basis
+    :math:`Q` of :math:`H S` (``samples // 3`` Rademacher columns
+    :math:`S`), plus Hutchinson's estimate of the trace of
+    :math:`(I - QQ^\top) H (I - QQ^\top)`. Unbiased for
+    ``keras_seht.exact_hessian_trace`` and, when a few eigenvalues dominate
+    the Hessian, of much lower variance than `keras_seht.hessian_trace` at
+    the same number (``samples``) of Hessian-vector products. The model is
+    not modified.
+
+    Args:
+        model: A compiled Keras model.
+        x, y: One batch (array-likes or tensors).
+        samples: Number of Hessian-vector products (integer >= 1).
+        seed: Seed of the probes (integer >= 0, or None).
+        sample_weight: Optional per-sample loss weights.
+        training: Run the forward pass in training mode.
+
+    Returns:
+        The estimate, a float.
+
+    Example:
+
+    >>> import keras, keras_seht, numpy as np
+    >>> from keras_seht.spectrum import hessian_trace_hutchpp
+    >>> model = keras_seht.Sequential([
+    ...     keras.Input((3,)), keras.layers.Dense(1, use_bias=False)])
+    >>> model.compile(loss="mse")
+    >>> x, y = np.eye(3) * [[1.0], [2.0], [3.0]], np.zeros((3, 1))
+    >>> round(hessian_trace_hutchpp(model, x, y, samples=9), 3)  # 2 * 14 / 3
+    9.333
+    """
+    samples = _check_positive_int("samples", samples)
+    seed = _check_seed(seed)
+    matvec, shapes = _hessian_operator(model, x, y, sample_weight, training)
+    return hutchpp_trace(matvec, shapes, samples=samples, seed=seed)
