@@ -23,6 +23,7 @@ from keras_seht import layers, losses, regularizers  # noqa: E402
 from keras_seht.estimators import SEHTD, SEHTH, CurvatureEstimator
 from keras_seht.hessian import (
     exact_hessian_trace,
+    gauss_newton_factors,
     hessian_diagonal,
     hessian_trace,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "losses",
     # Hessian diagnostics
     "exact_hessian_trace",
+    "gauss_newton_factors",
     "hessian_diagonal",
     "hessian_trace",
     "hessian_trace_hutchpp",

@@ -21,7 +21,7 @@ import numpy as np
 
 from keras_seht import backend as seht_backend
 from keras_seht import functional, regularizers
-from keras_seht.estimators import SEHTH
+from keras_seht.estimators import CURVATURES, SEHTH, CurvatureEstimator
 from keras_seht.layout import weight_layout
 
 #: Above this many trainable weights `exact_hessian_trace` refuses to run
@@ -74,9 +74,14 @@ def hessian_trace(
     Averages ``samples`` independent draws of the estimator's
     :math:`t = \frac{1}{K}\sum_{k=1}^{K} \sigma_k^\top H \sigma_k`
     (``K = estimator.max_iter``) on the batch ``(x, y)``, re-using one
-    differentiable gradient for all Hessian-vector products. The result
-    estimates ``estimator.expectation(...)``: the full trace for `SEHTH`
-    and for ``SEHTD(unbiased=True)``, a weighted partial trace otherwise.
+    differentiable gradient for all Hessian-vector products. With an
+    estimator of ``curvature="gauss_newton"``, :math:`H` is the
+    Gauss-Newton matrix :math:`G = J^\top H_z J` (from the dense factors
+    of `gauss_newton_factors`), and the result estimates its trace
+    instead. ``clip_negative`` does not apply: this is the raw :math:`t`.
+    The result estimates ``estimator.expectation(...)``: the full trace
+    for `SEHTH` and for ``SEHTD(unbiased=True)``, a weighted partial trace
+    otherwise.
 
     Args:
         model: A compiled Keras model.
@@ -105,19 +110,42 @@ def hessian_trace(
     True
     """
     estimator = regularizers.get(estimator) or SEHTH(max_iter=1)
+    if not isinstance(estimator, CurvatureEstimator):
+        raise ValueError(
+            "`estimator` must be a curvature estimator (SEHTH, SEHTD). "
+            f"Received: estimator={estimator!r}"
+        )
     samples = _check_positive_int("samples", samples)
     x, y, sample_weight = _prepare(model, x, y, sample_weight)
     layout = weight_layout(model)
-    hvp = seht_backend.get().HessianVectorProduct(
-        model, x, y, sample_weight, training
-    )
+    if estimator.curvature == "gauss_newton":
+        jacobian, output_hessian = _gauss_newton_factors(
+            model, x, y, sample_weight, training
+        )
+
+        def quadratic_form(sigma: list[Any]) -> float:
+            flat = np.concatenate(
+                [
+                    np.ravel(keras.ops.convert_to_numpy(s)).astype("float64")
+                    for s in sigma
+                ]
+            )
+            u = jacobian @ flat
+            return float(u @ output_hessian @ u)
+
+    else:
+        quadratic_form = (
+            seht_backend.get()
+            .HessianVectorProduct(model, x, y, sample_weight, training)
+            .quadratic_form
+        )
     seed_generator = keras.random.SeedGenerator(seed)
     dtype = model.trainable_variables[0].dtype
     progbar = keras.utils.Progbar(samples) if verbose else None
     draws = []
     for i in range(samples):
         values = [
-            hvp.quadratic_form(
+            quadratic_form(
                 estimator.sample_probes(layout, seed_generator, dtype)
             )
             for _ in range(estimator.max_iter)
@@ -208,13 +236,24 @@ def exact_hessian_trace(
     training: bool = False,
     max_weights: int = MAX_EXACT_WEIGHTS,
     force: bool = False,
+    curvature: str = "hessian",
 ) -> float:
-    """The exact trace of the loss Hessian: the sum of its diagonal.
+    r"""The exact trace of the loss Hessian (or of its Gauss-Newton part).
 
-    The reference the estimators are tested against. It costs one
-    Hessian-vector product per trainable weight (computed in batches), so
-    it refuses models with more than ``max_weights`` weights unless
-    ``force=True``.
+    The reference the estimators are tested against. For
+    ``curvature="hessian"`` it is the sum of the exact Hessian diagonal,
+    at one Hessian-vector product per trainable weight (computed in
+    batches). For ``"gauss_newton"`` it is
+
+    .. math::
+
+        \operatorname{tr}(J^\top H_z J)
+            = \sum_{k,l} (H_z)_{kl} \, (J J^\top)_{kl},
+
+    from the dense output Jacobian and output Hessian
+    (`gauss_newton_factors`; one reverse pass per output entry of the
+    batch; ``model.losses`` are not part of it). Refuses models with more
+    than ``max_weights`` weights unless ``force=True``.
 
     Args:
         model: A compiled Keras model.
@@ -223,10 +262,27 @@ def exact_hessian_trace(
         training: Run the forward pass in training mode.
         max_weights: Size limit (default 20,000 weights).
         force: Run whatever the model size.
+        curvature: ``"hessian"`` or ``"gauss_newton"``.
 
     Returns:
         The trace as a float.
     """
+    if curvature not in CURVATURES:
+        raise ValueError(
+            f"`curvature` must be one of {CURVATURES}. Received: "
+            f"curvature={curvature!r}"
+        )
+    if curvature == "gauss_newton":
+        jacobian, output_hessian = gauss_newton_factors(
+            model,
+            x,
+            y,
+            sample_weight=sample_weight,
+            training=training,
+            max_weights=max_weights,
+            force=force,
+        )
+        return float(np.sum(output_hessian * (jacobian @ jacobian.T)))
     diagonal = hessian_diagonal(
         model,
         x,
@@ -238,3 +294,71 @@ def exact_hessian_trace(
         force=force,
     )
     return float(sum(np.sum(d, dtype="float64") for d in diagonal))
+
+
+#: `gauss_newton_factors` refuses batches whose dense output Jacobian would
+#: exceed this many entries (outputs x weights) unless forced.
+MAX_JACOBIAN_ENTRIES = 50_000_000
+
+
+def _gauss_newton_factors(
+    model: keras.Model, x: Any, y: Any, sample_weight: Any, training: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    jacobian, output_hessian = seht_backend.get().gauss_newton_factors(
+        model, x, y, sample_weight, training
+    )
+    return jacobian, 0.5 * (output_hessian + output_hessian.T)
+
+
+def gauss_newton_factors(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any = None,
+    training: bool = False,
+    max_weights: int = MAX_EXACT_WEIGHTS,
+    force: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""The dense factors of the generalized Gauss-Newton matrix.
+
+    .. math::
+
+        G = J^\top H_z J, \qquad J = \frac{\partial z}{\partial w}
+        \in \mathbb{R}^{M\times n}, \quad
+        H_z = \nabla_z^2 \ell(z) \in \mathbb{R}^{M \times M},
+
+    with :math:`z` every output entry of the batch (flattened, ``M`` of
+    them), :math:`w` the ``n`` trainable weights (in
+    ``model.trainable_variables`` order, each flattened) and :math:`\ell`
+    the loss given to ``compile`` (without ``model.losses``). Costs one
+    reverse pass per output entry. No state of the model changes.
+
+    Args:
+        model: A compiled Keras model.
+        x, y: One batch.
+        sample_weight: Optional per-sample loss weights.
+        training: Run the forward pass in training mode.
+        max_weights: Refuse more trainable weights unless ``force``.
+        force: Run whatever the size.
+
+    Returns:
+        ``(J, H_z)`` as float64 NumPy arrays.
+    """
+    x, y, sample_weight = _prepare(model, x, y, sample_weight)
+    layout = weight_layout(model)
+    if not force:
+        if layout.num_weights > max_weights:
+            raise ValueError(
+                f"The model has {layout.num_weights} trainable weights, more "
+                f"than `max_weights`={max_weights}. Pass force=True to run "
+                "anyway."
+            )
+        outputs = keras.tree.flatten(model.compute_output_spec(x))
+        entries = sum(math.prod(o.shape) for o in outputs) * layout.num_weights
+        if entries > MAX_JACOBIAN_ENTRIES:
+            raise ValueError(
+                f"The dense output Jacobian would hold {entries} entries "
+                f"(more than {MAX_JACOBIAN_ENTRIES}); use a smaller batch or "
+                "pass force=True."
+            )
+    return _gauss_newton_factors(model, x, y, sample_weight, training)

@@ -235,3 +235,43 @@ def test_curvature_round_trips_through_the_registry():
     assert regularizers.get(
         {"class_name": "seht_h", "curvature": "gauss_newton"}
     ) == SEHTH(curvature="gauss_newton")
+
+
+def test_exact_gauss_newton_trace_and_hessian_trace_estimate():
+    """exact_hessian_trace(curvature="gauss_newton") equals the NumPy
+    closed form; hessian_trace with a Gauss-Newton estimator converges to
+    it (4 standard errors); the dense factors give the quadratic form."""
+    x, y = make_data(N, D, K)
+    model = logits_mlp()
+    model.compile("sgd", logits_loss())
+    model(x[:1])
+    params = [np.array(v.numpy(), "float64") for v in model.trainable_weights]
+    x64 = x.astype("float64")
+    exact = np_gauss_newton_trace(params, x64)
+    got = keras_seht.exact_hessian_trace(model, x, y, curvature="gauss_newton")
+    np.testing.assert_allclose(got, exact, rtol=1e-5)
+
+    jacobian, output_hessian = keras_seht.hessian.gauss_newton_factors(
+        model, x, y
+    )
+    assert jacobian.shape == (N * K, sum(p.size for p in params))
+    rng = np.random.default_rng(0)
+    sigma = [rng.normal(size=p.shape) for p in params]
+    u = jacobian @ np.concatenate([s.ravel() for s in sigma])
+    np.testing.assert_allclose(
+        u @ output_hessian @ u,
+        np_gauss_newton_form(params, x64, sigma),
+        rtol=1e-5,
+    )
+
+    mean, std_error = keras_seht.hessian_trace(
+        model,
+        x,
+        y,
+        estimator=SEHTH(curvature="gauss_newton"),
+        samples=300,
+        return_std_error=True,
+    )
+    assert abs(mean - exact) < 4 * std_error, (mean, exact, std_error)
+    with pytest.raises(ValueError, match="`curvature`"):
+        keras_seht.exact_hessian_trace(model, x, y, curvature="ggn")

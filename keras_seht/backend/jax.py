@@ -526,3 +526,49 @@ class HessianVectorProduct:
             out.append(diag[offset : offset + size].reshape(shape))
             offset += size
         return out
+
+
+def gauss_newton_factors(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any = None,
+    training: bool = False,
+) -> tuple[Any, Any]:
+    """The dense output Jacobian J (M x n) and output Hessian H_z (M x M).
+
+    M counts every output entry of the batch, n every trainable weight;
+    G = J^T H_z J. ``jax.jacrev`` of the stateless forward pass and
+    ``jax.hessian`` of the compiled loss, at the current weights.
+    """
+    import numpy as np
+
+    params = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def outputs(w: list[Any]) -> jax.Array:
+        y_pred, _ = model.stateless_call(w, non_trainable, x, training=training)
+        return jnp.concatenate([jnp.ravel(z) for z in jax.tree.leaves(y_pred)])
+
+    y_pred, _ = model.stateless_call(
+        params, non_trainable, x, training=training
+    )
+    leaves = jax.tree.leaves(y_pred)
+    jac = jax.jit(jax.jacrev(outputs))(params)
+    m = int(sum(z.size for z in leaves))
+    jacobian = np.concatenate(
+        [np.asarray(j, "float64").reshape(m, -1) for j in jac], axis=1
+    )
+
+    def output_loss(z_flat: jax.Array) -> jax.Array:
+        pieces, offset = [], 0
+        for z in leaves:
+            pieces.append(z_flat[offset : offset + z.size].reshape(z.shape))
+            offset += z.size
+        packed = jax.tree.unflatten(jax.tree.structure(y_pred), pieces)
+        with keras.StatelessScope():
+            return compat.compiled_loss(model, y, packed, sample_weight)
+
+    flat = jnp.concatenate([jnp.ravel(z) for z in leaves])
+    hessian = np.asarray(jax.hessian(output_loss)(flat), "float64")
+    return jacobian, hessian

@@ -494,3 +494,63 @@ class HessianVectorProduct:
             return tf.gather_nd(rows, tf.stack([index, start + index], 1))
 
         return diagonal_rows
+
+
+def gauss_newton_factors(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any = None,
+    training: bool = False,
+) -> tuple[Any, Any]:
+    """The dense output Jacobian J (M x n) and output Hessian H_z (M x M).
+
+    M counts every output entry of the batch, n every trainable weight;
+    G = J^T H_z J. ``tape.jacobian`` (vectorized) of the stateless
+    forward pass, and of the compiled loss's output gradient.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    x, y, sample_weight = functional.as_tensors(x, y, sample_weight)
+    params = [
+        tf.identity(tf.convert_to_tensor(v.value))
+        for v in model.trainable_variables
+    ]
+    non_trainable = [
+        tf.convert_to_tensor(v.value) for v in model.non_trainable_variables
+    ]
+    with (
+        tf.GradientTape(watch_accessed_variables=False) as tape,
+        compat.exact_tf_moments(),
+    ):
+        tape.watch(params)
+        _, y_pred, _ = functional.stateless_loss(
+            model, params, non_trainable, x, y, sample_weight, training
+        )
+        leaves = keras.tree.flatten(y_pred)
+        flat = tf.concat([tf.reshape(z, [-1]) for z in leaves], 0)
+    m = int(flat.shape[0])
+    jac = tape.jacobian(
+        flat, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
+    )
+    jacobian = np.concatenate(
+        [np.asarray(j, "float64").reshape(m, -1) for j in jac], axis=1
+    )
+    z_flat = tf.identity(flat)
+    with tf.GradientTape(watch_accessed_variables=False) as outer:
+        outer.watch(z_flat)
+        with tf.GradientTape(watch_accessed_variables=False) as inner:
+            inner.watch(z_flat)
+            pieces, offset = [], 0
+            for z in leaves:
+                size = int(np.prod(z.shape))
+                pieces.append(
+                    tf.reshape(z_flat[offset : offset + size], z.shape)
+                )
+                offset += size
+            packed = keras.tree.pack_sequence_as(y_pred, pieces)
+            loss = compat.compiled_loss(model, y, packed, sample_weight)
+        grad = inner.gradient(loss, z_flat)
+    hessian = outer.jacobian(grad, z_flat)
+    return jacobian, np.asarray(hessian, "float64")

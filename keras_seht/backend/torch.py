@@ -313,3 +313,53 @@ class HessianVectorProduct:
             out.append(diag[offset : offset + size].reshape(p.shape))
             offset += size
         return out
+
+
+def gauss_newton_factors(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any = None,
+    training: bool = False,
+) -> tuple[Any, Any]:
+    """The dense output Jacobian J (M x n) and output Hessian H_z (M x M).
+
+    M counts every output entry of the batch, n every trainable weight;
+    G = J^T H_z J. Evaluated statelessly at the current weights. J's rows
+    come from batched reverse passes (``is_grads_batched``), H_z from
+    ``torch.autograd.functional.hessian`` of the compiled loss.
+    """
+    import numpy as np
+
+    params = [
+        v.value.detach().clone().requires_grad_(True)
+        for v in model.trainable_variables
+    ]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap fallbacks
+        _, y_pred, _ = functional.stateless_loss(
+            model, params, non_trainable, x, y, sample_weight, training
+        )
+        leaves = keras.tree.flatten(y_pred)
+        flat = torch.cat([z.reshape(-1) for z in leaves])
+        m = flat.numel()
+        rows = []
+        for start in range(0, m, 256):
+            count = min(256, m - start)
+            basis = torch.zeros(count, m, dtype=flat.dtype, device=flat.device)
+            basis[torch.arange(count), torch.arange(start, start + count)] = 1
+            grads = _grad(flat, params, False, basis, batched=True)
+            rows.append(torch.cat([g.reshape(count, -1) for g in grads], dim=1))
+        jacobian = torch.cat(rows).detach().cpu().double().numpy()
+
+        def output_loss(z_flat: torch.Tensor) -> torch.Tensor:
+            pieces, offset = [], 0
+            for z in leaves:
+                pieces.append(z_flat[offset : offset + z.numel()].view_as(z))
+                offset += z.numel()
+            packed = keras.tree.pack_sequence_as(y_pred, pieces)
+            return compat.compiled_loss(model, y, packed, sample_weight)
+
+        hessian = torch.autograd.functional.hessian(output_loss, flat.detach())
+    return jacobian, np.asarray(hessian.detach().cpu().double().numpy())
