@@ -321,14 +321,19 @@ def test_confidence_penalty_needs_from_logits_for_custom_losses():
 
 
 @pytest.mark.parametrize(
-    "seht", ["jacobian", "confidence_penalty", "gradient_norm"]
+    "seht",
+    [
+        "jacobian",
+        "confidence_penalty",
+        "gradient_norm",
+        [SEHTD(p=0.1), "jacobian", "confidence_penalty", "gradient_norm"],
+    ],
+    ids=["jacobian", "confidence", "gradient_norm", "all_with_seht_d"],
 )
-@pytest.mark.parametrize("with_seht_d", [False, True])
-def test_trains_saves_and_loads(seht, with_seht_d, tmp_path):
+def test_trains_saves_and_loads(seht, tmp_path):
     x, y = make_data(32, D, K)
     model = logits_mlp()
-    arg = [SEHTD(p=0.1), seht] if with_seht_d else seht
-    model.compile("adam", logits_loss(), seht=arg)
+    model.compile("adam", logits_loss(), seht=seht)
     history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
     for penalty in model.seht_penalties:
