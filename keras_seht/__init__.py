@@ -19,7 +19,7 @@ if "keras" not in _sys.modules and "KERAS_BACKEND" not in _os.environ:
     if _util.find_spec("torch") is not None:
         _os.environ["KERAS_BACKEND"] = "torch"
 
-from keras_seht import layers, losses, regularizers  # noqa: E402
+from keras_seht import callbacks, layers, losses, regularizers  # noqa: E402
 from keras_seht.estimators import SEHTD, SEHTH, CurvatureEstimator
 from keras_seht.hessian import (
     exact_hessian_trace,
@@ -42,6 +42,8 @@ __all__ = [
     "SEHTD",
     "SEHTH",
     "regularizers",
+    # Callbacks: Hessian re-initialization
+    "callbacks",
     # Baselines: label smoothing, Cutout, DropBlock
     "layers",
     "losses",

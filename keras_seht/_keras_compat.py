@@ -73,6 +73,29 @@ def compiled_loss(
     return loss(y, y_pred, sample_weight)
 
 
+def optimizer_slots(optimizer: Any) -> dict[str, list[Any]]:
+    """The optimizer's per-variable slots (momentum, ...), by variable path.
+
+    Keras names a slot made by ``add_variable_from_reference`` as
+    ``f"{variable.path.replace('/', '_')}_{slot}"``; slots are matched to
+    the model's trainable variables by that prefix and by shape.
+    """
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:  # LossScaleOptimizer
+        optimizer = inner
+    references = getattr(optimizer, "_trainable_variables", None) or []
+    slots: dict[str, list[Any]] = {}
+    for reference in references:
+        prefix = reference.path.replace("/", "_") + "_"
+        slots[reference.path] = [
+            v
+            for v in optimizer.variables
+            if v.name.startswith(prefix)
+            and tuple(v.shape) == tuple(reference.shape)
+        ]
+    return slots
+
+
 def loss_tracker(model: keras.Model) -> keras.metrics.Metric:
     """The ``Mean`` metric that ``fit`` logs as ``loss``."""
     return model._loss_tracker

@@ -1,0 +1,5 @@
+"""Keras callbacks: Hessian-guided re-initialization and curvature logs."""
+
+from keras_seht.callbacks.reinit import HessianReinit
+
+__all__ = ["HessianReinit"]
