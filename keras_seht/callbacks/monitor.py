@@ -8,9 +8,10 @@ them into the callback ``logs``, so that ``History``, ``CSVLogger`` and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import keras
 import numpy as np
@@ -33,6 +34,32 @@ def _check_non_negative_int(name: str, value: Any) -> int:
             f"`{name}` must be an integer >= 0. Received: {name}={value!r}"
         )
     return int(value)
+
+
+@contextlib.contextmanager
+def _global_rng_preserved() -> Iterator[None]:
+    """Restores the torch backend's global RNG state on exit.
+
+    Keras' unseeded torch Dropout draws its masks from torch's global RNG,
+    so a training-mode forward pass would shift the masks of the next
+    training steps. JAX and TensorFlow draw from the model's seed
+    variables, which the stateless HVP leaves untouched.
+    """
+    if keras.config.backend() != "torch":
+        yield
+        return
+    import torch
+
+    cpu_state = torch.get_rng_state()
+    cuda_states = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    )
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 class CurvatureMonitor(keras.callbacks.Callback):
@@ -104,9 +131,10 @@ class CurvatureMonitor(keras.callbacks.Callback):
     (0-based) seeds every estimator with ``seed + i``, so the same model,
     data and ``seed`` give the same values. The HVP is evaluated
     statelessly: no weight, BatchNorm statistic, optimizer or random
-    seed of the model changes, so training with or without the monitor
-    gives the same weights. Under TensorFlow the measurement runs
-    eagerly, between steps.
+    seed of the model changes (under torch, the global RNG that unseeded
+    Dropout draws from is restored after the measurement), so training
+    with or without the monitor gives the same weights. Under TensorFlow
+    the measurement runs eagerly, between steps.
 
     Args:
         x: The probe batch's inputs (array-likes or tensors, as for
@@ -225,6 +253,10 @@ class CurvatureMonitor(keras.callbacks.Callback):
         """
         seed = None if self.seed is None else self.seed + self._calls
         self._calls += 1
+        with _global_rng_preserved():
+            return self._estimate(seed)
+
+    def _estimate(self, seed: int | None) -> dict[str, float]:
         # `self.model` syncs the JAX trainer's state into the variables.
         matvec, shapes = spectrum._hessian_operator(
             self.model, self.x, self.y, self.sample_weight, self.training
