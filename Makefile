@@ -4,13 +4,15 @@
 #   make test    ruff, then the test suite once per Keras backend
 #
 # Variables: PYTHON (the interpreter that creates .venv), BACKENDS (the
-# Keras backends to test), PYTEST_ARGS (extra pytest arguments; the default
+# Keras backends to test, longest first), TEST_JOBS (backends tested at
+# once, one core each), PYTEST_ARGS (extra pytest arguments; the default
 # leaves out tests marked slow, `make test-all` runs them too).
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-BACKENDS ?= torch jax tensorflow
+BACKENDS ?= jax torch tensorflow
+TEST_JOBS ?= 2
 PYTEST_ARGS ?= -m "not slow"
 DEMO_ARGS ?=
 
@@ -39,11 +41,8 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 test: lint
-	@set -e; for backend in $(BACKENDS); do \
-		echo "=== pytest under KERAS_BACKEND=$$backend ==="; \
-		KERAS_BACKEND=$$backend OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
-			$(BIN)/python -m pytest $(PYTEST_ARGS); \
-	done
+	BIN=$(BIN) BACKENDS="$(BACKENDS)" JOBS=$(TEST_JOBS) \
+		bash scripts/test_backends.sh $(PYTEST_ARGS)
 
 test-all:
 	$(MAKE) test PYTEST_ARGS=
