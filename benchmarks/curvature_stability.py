@@ -75,9 +75,9 @@ import keras_seht
 import keras
 import numpy as np
 
+from keras_seht._io import atomic_write
 from keras_seht.data import load_digits
 from keras_seht.experiments.demo import (
-    _atomic_write,
     _compile,
     _TrainTimer,
     _versions,
@@ -114,18 +114,8 @@ SMOKE = {"epochs": 1, "train_samples": 192, "probe_samples": 32}
 
 
 def build_mlp_tanh() -> keras.Model:
-    """64-32-32-10 tanh MLP on the flattened images (3,466 weights)."""
-    layers = keras.layers
-    return keras_seht.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            layers.Flatten(),
-            layers.Dense(32, activation="tanh"),
-            layers.Dense(32, activation="tanh"),
-            layers.Dense(10, activation="softmax"),
-        ],
-        name="mlp_tanh",
-    )
+    """The demo's 64-32-32-10 MLP with tanh (3,466 weights)."""
+    return build_mlp(activation="tanh", name="mlp_tanh")
 
 
 BUILDERS: dict[str, Callable[[], keras.Model]] = {
@@ -500,7 +490,7 @@ def _write_text(path: pathlib.Path, text: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text + "\n")
 
-    _atomic_write(str(path), write)
+    atomic_write(str(path), write)
 
 
 # --------------------------------------------------------------------------

@@ -7,28 +7,15 @@ non-interactive Agg backend, only when a function here runs.
 from __future__ import annotations
 
 import os
-import tempfile
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from keras_seht._io import atomic_write
 
 #: The unprefixed keys of a `CurvatureMonitor`'s ``history``.
 _MONITOR_KEYS = ("trace", "trace_std_error", "trace_hutchpp", "top_eigenvalue")
 _INDEX_KEYS = ("epoch", "step")
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Writes via a temporary file in the same folder, then renames."""
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _as_series(run: str, history: Any) -> tuple[dict[str, Any], str, Any]:
@@ -190,7 +177,7 @@ def plot_curvature(
         fig.savefig(tmp, format="png", dpi=90)
 
     try:
-        _atomic_write(path, write)
+        atomic_write(path, write)
     finally:
         plt.close(fig)
     return path

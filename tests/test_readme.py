@@ -14,8 +14,9 @@ def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
-def test_usage_example_runs(tmp_path):
-    example = next(b for b in _python_blocks() if "seht=SEHTD" in b)
+def _run_block(marker: str, tmp_path) -> subprocess.CompletedProcess:
+    """Runs the README's first Python block containing `marker`."""
+    example = next(b for b in _python_blocks() if marker in b)
     script = tmp_path / "example.py"
     script.write_text(example)
     result = subprocess.run(
@@ -25,6 +26,11 @@ def test_usage_example_runs(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_usage_example_runs(tmp_path):
+    result = _run_block("seht=SEHTD", tmp_path)
     lines = result.stdout.strip().splitlines()
     traces = [float(v) for v in re.findall(r"[-\d.e+]+", lines[-3])]
     assert len(traces) == 3
@@ -32,16 +38,7 @@ def test_usage_example_runs(tmp_path):
 
 
 def test_baselines_example_runs(tmp_path):
-    example = next(b for b in _python_blocks() if "Jacobian(" in b)
-    script = tmp_path / "baselines.py"
-    script.write_text(example)
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run_block("Jacobian(", tmp_path)
     printed = result.stdout.strip().splitlines()[-1]
     documented = re.search(
         r"prints `(\[.*?\])`", README.read_text(), re.S

@@ -40,7 +40,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -48,6 +47,7 @@ import keras
 import numpy as np
 
 import keras_seht
+from keras_seht._io import atomic_write
 from keras_seht.data import load_digits
 from keras_seht.estimators import CurvatureEstimator
 
@@ -67,18 +67,18 @@ METHODS: tuple[
 QUICK = {"epochs": 2, "train_samples": 192, "probe_samples": 32}
 
 
-def build_mlp() -> keras.Model:
-    """64-32-32-10 ReLU MLP on the flattened 8x8 images (3,466 weights)."""
+def build_mlp(activation: str = "relu", name: str = "mlp") -> keras.Model:
+    """64-32-32-10 MLP on the flattened 8x8 images (3,466 weights)."""
     layers = keras.layers
     return keras_seht.Sequential(
         [
             keras.Input((8, 8, 1)),
             layers.Flatten(),
-            layers.Dense(32, activation="relu"),
-            layers.Dense(32, activation="relu"),
+            layers.Dense(32, activation=activation),
+            layers.Dense(32, activation=activation),
             layers.Dense(10, activation="softmax"),
         ],
-        name="mlp",
+        name=name,
     )
 
 
@@ -341,20 +341,6 @@ def format_table(
     return "\n".join(lines)
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Writes via a temporary file in the same folder, then renames."""
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_json(path: str, payload: dict[str, Any]) -> None:
     """Writes `payload` as JSON atomically."""
 
@@ -363,7 +349,7 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
             json.dump(payload, f, indent=2, allow_nan=True)
             f.write("\n")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def plot_curves(
@@ -433,7 +419,7 @@ def plot_curves(
         fig.savefig(tmp, format="png", dpi=90)
 
     try:
-        _atomic_write(path, write)
+        atomic_write(path, write)
     finally:
         plt.close(fig)
 
