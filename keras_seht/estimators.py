@@ -29,6 +29,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_seht._checks import check_choice, check_int
 from keras_seht.layout import WeightLayout
 from keras_seht.penalties import Penalty
 
@@ -36,21 +37,6 @@ Seed = int | keras.random.SeedGenerator | None
 
 #: The curvature matrices an estimator can probe.
 CURVATURES = ("hessian", "gauss_newton")
-
-
-def _check_max_iter(max_iter: Any) -> int:
-    if isinstance(max_iter, bool) or not isinstance(
-        max_iter, (int, np.integer)
-    ):
-        raise ValueError(
-            f"`max_iter` must be an integer >= 1. Received: max_iter="
-            f"{max_iter!r}"
-        )
-    if max_iter < 1:
-        raise ValueError(
-            f"`max_iter` must be an integer >= 1. Received: max_iter={max_iter}"
-        )
-    return int(max_iter)
 
 
 def _check_probability(name: str, value: Any, high: float) -> float:
@@ -122,12 +108,8 @@ class CurvatureEstimator(Penalty):
         clip_negative: bool = False,
     ) -> None:
         super().__init__(strength)
-        self.max_iter = _check_max_iter(max_iter)
-        if curvature not in CURVATURES:
-            raise ValueError(
-                f"`curvature` must be one of {CURVATURES}. Received: "
-                f"curvature={curvature!r}"
-            )
+        self.max_iter = check_int("max_iter", max_iter)
+        check_choice("curvature", curvature, CURVATURES)
         if not isinstance(clip_negative, (bool, np.bool_)):
             raise ValueError(
                 "`clip_negative` must be a bool. Received: clip_negative="

@@ -21,6 +21,7 @@ import numpy as np
 
 from keras_seht import backend as seht_backend
 from keras_seht import functional, regularizers
+from keras_seht._checks import check_choice, check_int
 from keras_seht.estimators import CURVATURES, SEHTH, CurvatureEstimator
 from keras_seht.layout import weight_layout
 
@@ -45,16 +46,6 @@ def _prepare(model: keras.Model, x: Any, y: Any, sample_weight: Any):
     if not model.trainable_variables:
         raise ValueError("`model` has no trainable weights.")
     return x, y, sample_weight
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(
-            f"`{name}` must be an integer >= 1. Received: {value!r}"
-        )
-    if value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1. Received: {value}")
-    return int(value)
 
 
 def hessian_trace(
@@ -115,7 +106,7 @@ def hessian_trace(
             "`estimator` must be a curvature estimator (SEHTH, SEHTD). "
             f"Received: estimator={estimator!r}"
         )
-    samples = _check_positive_int("samples", samples)
+    samples = check_int("samples", samples)
     x, y, sample_weight = _prepare(model, x, y, sample_weight)
     layout = weight_layout(model)
     if estimator.curvature == "gauss_newton":
@@ -216,7 +207,7 @@ def hessian_diagonal(
     )
     if method == "exact":
         return [keras.ops.convert_to_numpy(d) for d in hvp.diagonal()]
-    samples = _check_positive_int("samples", samples)
+    samples = check_int("samples", samples)
     seed_generator = keras.random.SeedGenerator(seed)
     dtype = model.trainable_variables[0].dtype
     total = [np.zeros(shape, "float64") for shape in layout.shapes]
@@ -267,11 +258,7 @@ def exact_hessian_trace(
     Returns:
         The trace as a float.
     """
-    if curvature not in CURVATURES:
-        raise ValueError(
-            f"`curvature` must be one of {CURVATURES}. Received: "
-            f"curvature={curvature!r}"
-        )
+    check_choice("curvature", curvature, CURVATURES)
     if curvature == "gauss_newton":
         jacobian, output_hessian = gauss_newton_factors(
             model,

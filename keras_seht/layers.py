@@ -24,20 +24,9 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import numpy as np
 from keras import ops
 
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(
-            f"`{name}` must be an integer >= {low}. Received: {name}={value!r}"
-        )
-    if value < low:
-        raise ValueError(
-            f"`{name}` must be an integer >= {low}. Received: {name}={value}"
-        )
-    return int(value)
+from keras_seht._checks import check_int
 
 
 def _check_data_format(data_format: str | None) -> str:
@@ -135,7 +124,7 @@ class Cutout(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.size = _check_int("size", size, 1)
+        self.size = check_int("size", size, 1)
         self.data_format = _check_data_format(data_format)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -273,7 +262,7 @@ class DropBlock2D(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.block_size = _check_int("block_size", block_size, 1)
+        self.block_size = check_int("block_size", block_size, 1)
         try:
             keep = float(keep_prob)
         except (TypeError, ValueError):
@@ -284,7 +273,7 @@ class DropBlock2D(keras.layers.Layer):
                 f"keep_prob={keep_prob!r}"
             )
         self.keep_prob = keep
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.data_format = _check_data_format(data_format)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)

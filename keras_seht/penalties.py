@@ -39,19 +39,7 @@ import keras
 import numpy as np
 from keras import ops
 
-
-def check_strength(strength: Any) -> float:
-    """`strength` as a float, or a ValueError naming it."""
-    try:
-        value = float(strength)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if isinstance(strength, bool) or not math.isfinite(value) or value < 0:
-        raise ValueError(
-            "`strength` must be a finite number >= 0. Received: strength="
-            f"{strength!r}"
-        )
-    return value
+from keras_seht._checks import check_int, check_strength
 
 
 class Penalty:
@@ -194,21 +182,11 @@ class Jacobian(Penalty):
         self, strength: float = 0.01, n_proj: int = 1, exact: bool = False
     ) -> None:
         super().__init__(strength)
-        if isinstance(n_proj, bool) or not isinstance(
-            n_proj, (int, np.integer)
-        ):
-            raise ValueError(
-                f"`n_proj` must be an integer >= 1. Received: n_proj={n_proj!r}"
-            )
-        if n_proj < 1:
-            raise ValueError(
-                f"`n_proj` must be an integer >= 1. Received: n_proj={n_proj}"
-            )
         if not isinstance(exact, (bool, np.bool_)):
             raise ValueError(
                 f"`exact` must be a bool. Received: exact={exact!r}"
             )
-        self.n_proj = int(n_proj)
+        self.n_proj = check_int("n_proj", n_proj)
         self.exact = bool(exact)
 
     def projections(

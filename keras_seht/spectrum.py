@@ -31,7 +31,8 @@ import keras
 import numpy as np
 
 from keras_seht import backend as seht_backend
-from keras_seht.hessian import _check_positive_int, _prepare
+from keras_seht._checks import check_int
+from keras_seht.hessian import _prepare
 
 #: A matrix-vector product: one array per variable in, the same shapes out.
 Matvec = Callable[[list[np.ndarray]], Sequence[Any]]
@@ -177,7 +178,7 @@ def hutchinson_trace(
     >>> hutchinson_trace(lambda v: [a @ v[0]], [(3,)], samples=5)
     (7.0, 0.0)
     """
-    samples = _check_positive_int("samples", samples)
+    samples = check_int("samples", samples)
     rng = np.random.default_rng(_check_seed(seed))
     op = _FlatOperator(matvec, shapes)
     values = np.empty(samples)
@@ -241,7 +242,7 @@ def hutchpp_trace(
     >>> round(hutchpp_trace(lambda v: [a @ v[0]], [(3,)], samples=9), 6)
     7.0
     """
-    samples = _check_positive_int("samples", samples)
+    samples = check_int("samples", samples)
     rng = np.random.default_rng(_check_seed(seed))
     op = _FlatOperator(matvec, shapes)
     n = op.n
@@ -313,7 +314,7 @@ def top_eigenvalue(
     >>> round(top_eigenvalue(lambda v: [a @ v[0]], [(3,)], tol=1e-12), 6)
     -3.0
     """
-    iters = _check_positive_int("iters", iters)
+    iters = check_int("iters", iters)
     tol = _check_tol(tol)
     rng = np.random.default_rng(_check_seed(seed))
     op = _FlatOperator(matvec, shapes)
@@ -412,7 +413,7 @@ def hessian_top_eigenvalue(
     >>> round(hessian_top_eigenvalue(model, x, y), 3)  # 2 * 3**2 / 3
     6.0
     """
-    iters = _check_positive_int("iters", iters)
+    iters = check_int("iters", iters)
     seed = _check_seed(seed)
     tol = _check_tol(tol)
     matvec, shapes = _hessian_operator(model, x, y, sample_weight, training)
@@ -463,7 +464,7 @@ def hessian_trace_hutchpp(
     >>> round(hessian_trace_hutchpp(model, x, y, samples=9), 3)  # 2 * 14 / 3
     9.333
     """
-    samples = _check_positive_int("samples", samples)
+    samples = check_int("samples", samples)
     seed = _check_seed(seed)
     matvec, shapes = _hessian_operator(model, x, y, sample_weight, training)
     return hutchpp_trace(matvec, shapes, samples=samples, seed=seed)

@@ -17,23 +17,11 @@ import keras
 import numpy as np
 
 from keras_seht import spectrum
-from keras_seht.hessian import _check_positive_int
+from keras_seht._checks import check_choice, check_int
 
 UNITS = ("epoch", "batch")
 #: The quantities measured, in order (the log keys are the prefix + these).
 KEYS = ("trace", "trace_std_error", "trace_hutchpp", "top_eigenvalue")
-
-
-def _check_non_negative_int(name: str, value: Any) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < 0
-    ):
-        raise ValueError(
-            f"`{name}` must be an integer >= 0. Received: {name}={value!r}"
-        )
-    return int(value)
 
 
 @contextlib.contextmanager
@@ -187,18 +175,11 @@ class CurvatureMonitor(keras.callbacks.Callback):
         super().__init__()
         if x is None:
             raise ValueError("`x` must be the probe batch's inputs, not None.")
-        self.every = _check_positive_int("every", every)
-        if unit not in UNITS:
-            raise ValueError(
-                f"`unit` must be one of {UNITS}. Received: unit={unit!r}"
-            )
-        self.trace_samples = _check_non_negative_int(
-            "trace_samples", trace_samples
-        )
-        self.hutchpp_samples = _check_non_negative_int(
-            "hutchpp_samples", hutchpp_samples
-        )
-        self.eigen_iters = _check_non_negative_int("eigen_iters", eigen_iters)
+        self.every = check_int("every", every)
+        check_choice("unit", unit, UNITS)
+        self.trace_samples = check_int("trace_samples", trace_samples, 0)
+        self.hutchpp_samples = check_int("hutchpp_samples", hutchpp_samples, 0)
+        self.eigen_iters = check_int("eigen_iters", eigen_iters, 0)
         if not (self.trace_samples or self.hutchpp_samples or self.eigen_iters):
             raise ValueError(
                 "At least one of `trace_samples`, `hutchpp_samples` and "

@@ -18,20 +18,12 @@ import numpy as np
 from keras_seht import _keras_compat as compat
 from keras_seht import backend as seht_backend
 from keras_seht import functional
-from keras_seht.hessian import _check_positive_int
+from keras_seht._checks import check_choice, check_int
 from keras_seht.layout import weight_layout
 
 GRANULARITIES = ("weight", "unit")
 AGGREGATES = ("sum", "mean")
 DIAGONALS = ("exact", "hutchinson", "auto")
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(
-            f"`{name}` must be one of {allowed}. Received: {name}={value!r}"
-        )
-    return value
 
 
 def _initializer(value: Any, name: str) -> keras.initializers.Initializer:
@@ -164,18 +156,20 @@ class HessianReinit(keras.callbacks.Callback):
                 f"`k` must be a percentage in (0, 100). Received: k={k!r}"
             )
         self.k = k_value
-        self.n_layers = _check_positive_int("n_layers", n_layers)
+        self.n_layers = check_int("n_layers", n_layers)
         self.initializer = _initializer(initializer, "initializer")
         self.bias_initializer = _initializer(
             bias_initializer, "bias_initializer"
         )
-        self.every = _check_positive_int("every", every)
-        self.granularity = _choice("granularity", granularity, GRANULARITIES)
-        self.aggregate = _choice("aggregate", aggregate, AGGREGATES)
-        self.diagonal = _choice("diagonal", diagonal, DIAGONALS)
-        self.samples = _check_positive_int("samples", samples)
-        self.batch_size = _check_positive_int("batch_size", batch_size)
-        self.max_exact_weights = _check_positive_int(
+        self.every = check_int("every", every)
+        self.granularity = check_choice(
+            "granularity", granularity, GRANULARITIES
+        )
+        self.aggregate = check_choice("aggregate", aggregate, AGGREGATES)
+        self.diagonal = check_choice("diagonal", diagonal, DIAGONALS)
+        self.samples = check_int("samples", samples)
+        self.batch_size = check_int("batch_size", batch_size)
+        self.max_exact_weights = check_int(
             "max_exact_weights", max_exact_weights
         )
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
