@@ -1,10 +1,11 @@
-"""Atomic file writes, shared by the demo, the plots and the benchmarks."""
+"""Atomic file writes (and figures), shared by the demo, the plots and
+the benchmarks."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable
+from typing import Any, Callable
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -20,3 +21,16 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_figure(fig: Any, path: str, dpi: int = 90) -> None:
+    """Saves a matplotlib figure as a PNG atomically, then closes it."""
+    import matplotlib.pyplot as plt
+
+    def write(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=dpi)
+
+    try:
+        atomic_write(path, write)
+    finally:
+        plt.close(fig)

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from keras_seht._io import atomic_write
+from keras_seht._io import save_figure
 
 #: The unprefixed keys of a `CurvatureMonitor`'s ``history``.
 _MONITOR_KEYS = ("trace", "trace_std_error", "trace_hutchpp", "top_eigenvalue")
@@ -172,14 +172,7 @@ def plot_curvature(
     if title is not None:
         fig.suptitle(str(title))
     fig.tight_layout()
-
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=90)
-
-    try:
-        atomic_write(path, write)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
     return path
 
 

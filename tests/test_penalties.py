@@ -124,6 +124,13 @@ def one_step(model, x, y):
     return [a - b for a, b in zip(after, before)], logs
 
 
+def logged_samples(model, x, y, key, steps=200):
+    """One full-batch step per epoch at learning rate 0 (weights fixed):
+    the `steps` values of the log entry `key`, one independent draw each."""
+    history = model.fit(x, y, batch_size=len(x), epochs=steps, verbose=0)
+    return np.asarray(history.history[key], "float64")
+
+
 def assert_close(actual, expected):
     for a, e in zip(actual, expected):
         np.testing.assert_allclose(a, e, rtol=RTOL, atol=ATOL)
@@ -246,8 +253,7 @@ def test_jacobian_estimate_is_unbiased(n_proj):
     model(x[:1])
     params = [np.array(v.numpy(), "float64") for v in model.trainable_weights]
     steps = 200
-    history = model.fit(x, y, batch_size=N, epochs=steps, verbose=0)
-    samples = np.asarray(history.history["jacobian_norm"], "float64")
+    samples = logged_samples(model, x, y, "jacobian_norm", steps)
     exact = np_jacobian_norm(params, x.astype("float64"))
     std_error = samples.std(ddof=1) / math.sqrt(steps)
     assert samples.std() > 0  # random projections, not a constant

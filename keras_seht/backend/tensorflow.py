@@ -57,7 +57,10 @@ def _dot(a: Sequence[Any], b: Sequence[Any]) -> tf.Tensor:
 
 
 def _gradient(
-    tape: tf.GradientTape, target: tf.Tensor, variables: Sequence[Any]
+    tape: tf.GradientTape,
+    target: Any,
+    variables: Sequence[Any],
+    output_gradients: Any = None,
 ) -> list[tf.Tensor]:
     """Dense gradients of `target`, zeros where it does not depend on a
     variable (e.g. dt/dw when the Hessian is constant).
@@ -69,7 +72,7 @@ def _gradient(
     """
     import tensorflow as tf
 
-    grads = tape.gradient(target, variables)
+    grads = tape.gradient(target, variables, output_gradients=output_gradients)
     return [
         tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g)
         for g, v in zip(grads, variables)
@@ -127,13 +130,7 @@ def _gauss_newton_estimate(
     ) as dummy_tape:
         dummies = [tf.zeros_like(z) for z in outputs]
         dummy_tape.watch(dummies)
-        jacobian_t_v = inner.gradient(
-            outputs, trainable, output_gradients=dummies
-        )
-        jacobian_t_v = [
-            tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g)
-            for g, v in zip(jacobian_t_v, trainable)
-        ]
+        jacobian_t_v = _gradient(inner, outputs, trainable, dummies)
         directional = [_dot(jacobian_t_v, sigma) for sigma in probes]
     us = [_gradient(dummy_tape, d, dummies) for d in directional]
     del dummy_tape

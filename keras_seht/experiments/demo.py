@@ -47,7 +47,7 @@ import keras
 import numpy as np
 
 import keras_seht
-from keras_seht._io import atomic_write
+from keras_seht._io import atomic_write, save_figure
 from keras_seht.data import load_digits
 from keras_seht.estimators import CurvatureEstimator
 
@@ -414,14 +414,7 @@ def plot_curves(
             fontsize=9,
         )
     fig.tight_layout()
-
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=90)
-
-    try:
-        atomic_write(path, write)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
