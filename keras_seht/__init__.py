@@ -19,7 +19,14 @@ if "keras" not in _sys.modules and "KERAS_BACKEND" not in _os.environ:
     if _util.find_spec("torch") is not None:
         _os.environ["KERAS_BACKEND"] = "torch"
 
-from keras_seht import callbacks, layers, losses, regularizers  # noqa: E402
+from keras_seht import (  # noqa: E402
+    callbacks,
+    data,
+    layers,
+    losses,
+    metrics,
+    regularizers,
+)
 from keras_seht.estimators import SEHTD, SEHTH, CurvatureEstimator
 from keras_seht.hessian import (
     exact_hessian_trace,
@@ -47,6 +54,9 @@ __all__ = [
     # Baselines: label smoothing, Cutout, DropBlock
     "layers",
     "losses",
+    # Data loaders and the perplexity metric of the examples
+    "data",
+    "metrics",
     # Hessian diagnostics
     "exact_hessian_trace",
     "gauss_newton_factors",

@@ -3,6 +3,7 @@ the benchmarks."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any, Callable
@@ -34,3 +35,14 @@ def save_figure(fig: Any, path: str, dpi: int = 90) -> None:
         atomic_write(path, write)
     finally:
         plt.close(fig)
+
+
+def write_json(path: str, payload: Any) -> None:
+    """Writes `payload` as indented JSON atomically (NaN allowed)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, allow_nan=True)
+            f.write("\n")
+
+    atomic_write(path, write)

@@ -57,9 +57,7 @@ def _check_png(path) -> None:
 def _check_results(results, models, epochs, strength):
     assert results["backend"] == keras.config.backend()
     assert results["config"]["models"] == models
-    assert results["versions"]["keras_seht.__version__"] == (
-        keras_seht.__version__
-    )
+    assert results["versions"]["keras_seht"] == (keras_seht.__version__)
     assert math.isfinite(results["total_seconds"])
     runs = results["runs"]
     assert [(r["model"], r["method"]) for r in runs] == [

@@ -279,6 +279,22 @@ class CurvatureMonitor(keras.callbacks.Callback):
             )
         return values
 
+    def get_state(self) -> dict[str, Any]:
+        """The monitor's progress (JSON-able): measurement and step counts
+        and its history, for `set_state` after a resumed run."""
+        return {
+            "calls": self._calls,
+            "step": self._step,
+            "history": {k: list(v) for k, v in self.history.items()},
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a `get_state` result, so that a resumed run's
+        measurements use the same seeds as an uninterrupted run's."""
+        self._calls = int(state["calls"])
+        self._step = int(state["step"])
+        self.history = {k: list(v) for k, v in state["history"].items()}
+
     # ----------------------------------------------------------------------
     # Keras hooks
     # ----------------------------------------------------------------------

@@ -354,6 +354,26 @@ class HessianReinit(keras.callbacks.Callback):
         self.history.append(changed)
         return changed
 
+    # ----------------------------------------------------------- checkpoint
+
+    def get_state(self) -> dict[str, Any]:
+        """The callback's progress (JSON-able): its batch RNG, counters and
+        history, for `set_state` after a resumed run."""
+        return {
+            "rng": self._rng.bit_generator.state,
+            "updates": self._updates,
+            "calls": self._calls,
+            "history": list(self.history),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a `get_state` result: the resumed run then draws the
+        same batches, probes and initial values as an uninterrupted one."""
+        self._rng.bit_generator.state = state["rng"]
+        self._updates = int(state["updates"])
+        self._calls = int(state["calls"])
+        self.history = [int(n) for n in state["history"]]
+
     # ------------------------------------------------------------ callbacks
 
     def on_train_begin(self, logs: Any = None) -> None:

@@ -1,9 +1,42 @@
 """Data loaders for the keras-seht examples and demo.
 
-Loaders import their third-party dependencies lazily, inside the function,
-so that importing ``keras_seht`` never pulls them in.
+Loaders import their third-party dependencies (scikit-learn,
+tensorflow-datasets, datasets) lazily, inside the function, so that
+importing ``keras_seht`` never pulls them in.
+
+- `load_digits`: scikit-learn's 8x8 digits (shipped with scikit-learn);
+- `load_mnist`, `load_cifar`, `load_image_dataset`: MNIST and CIFAR-10/100
+  through tensorflow-datasets, as NumPy arrays;
+- `load_wikitext2`, `batchify`, `BPTTDataset`: WikiText-2 from a local
+  folder (or the `datasets` library) and its BPTT batches;
+- `ArrayDataset` (`keras_seht.data.pipeline`): reproducible shuffled,
+  augmented batches for any backend.
 """
 
 from keras_seht.data.digits import load_digits
+from keras_seht.data.pipeline import ArrayDataset
+from keras_seht.data.tfds import (
+    DatasetNotFoundError,
+    load_cifar,
+    load_image_dataset,
+    load_mnist,
+)
+from keras_seht.data.wikitext import (
+    BPTTDataset,
+    Corpus,
+    batchify,
+    load_wikitext2,
+)
 
-__all__ = ["load_digits"]
+__all__ = [
+    "ArrayDataset",
+    "BPTTDataset",
+    "Corpus",
+    "DatasetNotFoundError",
+    "load_cifar",
+    "load_digits",
+    "load_image_dataset",
+    "load_mnist",
+    "load_wikitext2",
+    "batchify",
+]

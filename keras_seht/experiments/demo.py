@@ -34,9 +34,6 @@ tiny models several times faster under the torch backend.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import json
-import math
 import os
 import platform
 import sys
@@ -47,9 +44,11 @@ import keras
 import numpy as np
 
 import keras_seht
-from keras_seht._io import atomic_write, save_figure
+from keras_seht._io import save_figure, write_json
 from keras_seht.data import load_digits
 from keras_seht.estimators import CurvatureEstimator
+from keras_seht.experiments.cli import non_negative_float, positive_int
+from keras_seht.experiments.runner import versions
 
 #: Default penalty strength (see the module docstring for why).
 DEFAULT_STRENGTH = 0.01
@@ -143,20 +142,6 @@ def _parse_models(value: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
-
-
-def _strength(value: str) -> float:
-    number = float(value)
-    if not math.isfinite(number) or number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
-
-
 def make_parser() -> argparse.ArgumentParser:
     """The demo's command-line interface."""
     parser = argparse.ArgumentParser(
@@ -169,11 +154,11 @@ def make_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=_positive_int, default=8)
-    parser.add_argument("--batch-size", type=_positive_int, default=32)
+    parser.add_argument("--epochs", type=positive_int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument(
         "--strength",
-        type=_strength,
+        type=non_negative_float,
         default=DEFAULT_STRENGTH,
         help=(
             "penalty strength of every SEHT run (see the module docstring: "
@@ -185,13 +170,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--probe-samples",
-        type=_positive_int,
+        type=positive_int,
         default=256,
         help="training samples on which the exact Hessian trace is taken",
     )
     parser.add_argument(
         "--train-samples",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="train on the first N training samples (default: all 1,347)",
     )
@@ -211,24 +196,6 @@ def make_parser() -> argparse.ArgumentParser:
         ),
     )
     return parser
-
-
-def _versions() -> dict[str, str | None]:
-    backend_packages = {
-        "torch": ["torch"],
-        "jax": ["jax", "jaxlib"],
-        "tensorflow": ["tensorflow", "tensorflow-cpu"],
-    }.get(keras.config.backend(), [])
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ["keras", "keras-seht", "numpy", "scikit-learn"] + list(
-        backend_packages
-    ):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["keras_seht.__version__"] = keras_seht.__version__
-    return versions
 
 
 def _compile(model: keras.Model, estimator: Any, learning_rate: float) -> None:
@@ -339,17 +306,6 @@ def format_table(
             f"| {run['train_seconds']:.2f} | {time_ratio} |"
         )
     return "\n".join(lines)
-
-
-def write_json(path: str, payload: dict[str, Any]) -> None:
-    """Writes `payload` as JSON atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, allow_nan=True)
-            f.write("\n")
-
-    atomic_write(path, write)
 
 
 def plot_curves(
@@ -480,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = {
         "config": config,
         "backend": keras.config.backend(),
-        "versions": _versions(),
+        "versions": versions(),
         "platform": platform.platform(),
         "total_seconds": total_seconds,
         "runs": runs,
