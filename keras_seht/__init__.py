@@ -20,6 +20,7 @@ if "keras" not in _sys.modules and "KERAS_BACKEND" not in _os.environ:
         _os.environ["KERAS_BACKEND"] = "torch"
 
 from keras_seht import (  # noqa: E402
+    applications,
     callbacks,
     data,
     layers,
@@ -54,7 +55,8 @@ __all__ = [
     # Baselines: label smoothing, Cutout, DropBlock
     "layers",
     "losses",
-    # Data loaders and the perplexity metric of the examples
+    # Models, data loaders and the perplexity metric of the examples
+    "applications",
     "data",
     "metrics",
     # Hessian diagnostics

@@ -160,3 +160,15 @@ def init_functional(
 
     model_lib.Trainer.__init__(model)
     functional_class().__init__(model, *args, **kwargs)
+
+
+def get_keras_mask(x: Any) -> Any:
+    """The Keras mask attached to tensor `x` (``mask_zero`` embeddings),
+    or None. Keras >= 3.6 keeps it outside the tensor on some backends
+    (``keras.src.backend.get_keras_mask``); older ones in ``_keras_mask``.
+    """
+    try:
+        from keras.src.backend import get_keras_mask as keras_get_mask
+    except ImportError:  # pragma: no cover - older Keras
+        return getattr(x, "_keras_mask", None)
+    return keras_get_mask(x)

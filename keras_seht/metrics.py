@@ -23,12 +23,7 @@ import keras
 import numpy as np
 from keras import ops
 
-try:  # Keras >= 3.6 keeps masks outside the tensor on some backends.
-    from keras.src.backend import get_keras_mask as _get_keras_mask
-except ImportError:  # pragma: no cover - older Keras
-
-    def _get_keras_mask(x: Any) -> Any:
-        return getattr(x, "_keras_mask", None)
+from keras_seht import _keras_compat as compat
 
 
 def perplexity_from_loss(mean_nll: Any) -> Any:
@@ -144,7 +139,7 @@ class Perplexity(keras.metrics.Metric):
     ) -> None:
         """Adds a batch: integer targets `y_true` of shape ``(...)`` (or
         ``(..., 1)``) and `y_pred` of shape ``(..., vocab_size)``."""
-        keras_mask = _get_keras_mask(y_pred)
+        keras_mask = compat.get_keras_mask(y_pred)
         y_pred = ops.cast(ops.convert_to_tensor(y_pred), self.dtype)
         y_true = ops.convert_to_tensor(y_true)
         if len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] == 1:

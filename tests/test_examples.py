@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 
+import keras
 import pytest
 
 from keras_seht.experiments import runner
@@ -85,3 +86,94 @@ def test_mnist_missing_data_is_a_clear_error(tmp_path):
     example = _example("mnist_hessian_reinit")
     with pytest.raises(DatasetNotFoundError, match="--data-dir"):
         example.main(["--smoke", "--data-dir", str(tmp_path), "--no-download"])
+
+
+# The CIFAR scripts are backend-neutral glue over pieces tested on every
+# backend (runner, pipeline, applications); their smoke runs cost 1-3 min
+# of JAX/XLA compilation per script, so they are slow (make test-all)
+# except under torch.
+_CIFAR_MARKS = [] if keras.config.backend() == "torch" else [pytest.mark.slow]
+
+
+@pytest.mark.parametrize(
+    "name, methods, top5",
+    [
+        pytest.param(
+            "cifar10_resnet18",
+            "baseline,seht-d+cutout",
+            False,
+            marks=_CIFAR_MARKS,
+        ),
+        pytest.param(
+            "cifar100_wrn",
+            "seht-h+dropout,mixup+dropblock",
+            True,
+            marks=_CIFAR_MARKS,
+        ),
+    ],
+)
+def test_cifar_smoke(tmp_path, name, methods, top5):
+    example = _example(name)
+    out = str(tmp_path)
+    argv = ["--smoke", "--methods", methods, "--output-dir", out]
+    with _mock(40):
+        results = example.main(argv + ["--verbose", "0"])
+    assert [r["method"] for r in results] == methods.split(",")
+    for r in results:
+        assert r["complete"] and r["epochs_completed"] == 2
+        assert r["config"]["weight_decay"] == 5e-4
+        expected = {"test_accuracy", "best_test_accuracy"}
+        assert set(r["final"]) == expected | (
+            {"test_top5_accuracy"} if top5 else set()
+        )
+        assert 0.0 <= r["final"]["test_accuracy"] <= 1.0
+        assert len(r["history"]["val_accuracy"]) == 2
+    seht = results[-1 if name == "cifar10_resnet18" else 0]
+    assert len(seht["history"]["seht_trace"]) == 2
+    assert os.path.exists(os.path.join(out, "report.md"))
+
+
+def test_cifar_bad_method_fails_before_loading_data(capsys):
+    example = _example("cifar10_resnet18")
+    with pytest.raises(SystemExit):
+        example.main(["--methods", "dropout"])  # no dropout in ResNet-18
+    assert "--methods" in capsys.readouterr().err
+
+
+def _corpus(folder):
+    """A tiny WikiText-2-shaped corpus: 3 files of random lines."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(30)]
+    for split, lines in [("train", 120), ("valid", 30), ("test", 30)]:
+        with open(folder / f"wiki.{split}.tokens", "w") as f:
+            for _ in range(lines):
+                n = int(rng.integers(0, 10))
+                f.write(" " + " ".join(rng.choice(words, n)) + " \n")
+    return str(folder)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_wikitext2_smoke(tmp_path, cell):
+    example = _example("wikitext2_rnn")
+    data = _corpus(tmp_path)
+    out = str(tmp_path / "runs")
+    argv = ["--smoke", "--cell", cell, "--data-dir", data]
+    argv += ["--methods", "baseline,seht-d", "--output-dir", out]
+    results = example.main(argv + ["--verbose", "0"])
+    for r in results:
+        assert r["experiment"] == f"wikitext2_{cell}" and r["complete"]
+        history = r["history"]
+        assert len(history["val_perplexity"]) == 2
+        assert history["learning_rate"][0] == 20.0
+        best = min(history["val_perplexity"])
+        assert r["final"]["valid_perplexity"] == pytest.approx(best, 1e-5)
+        assert 1.0 < r["final"]["test_perplexity"] < 100.0
+    assert "seht_trace" in results[1]["history"]
+
+
+def test_wikitext2_missing_data_is_a_clear_error(tmp_path):
+    example = _example("wikitext2_rnn")
+    with pytest.raises(FileNotFoundError, match="wiki.train.tokens"):
+        example.main(["--smoke", "--data-dir", str(tmp_path)])

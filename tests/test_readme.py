@@ -52,3 +52,37 @@ def test_make_targets_named_in_readme_exist():
         assert re.search(rf"^{re.escape(target)}:", makefile, re.M), target
     ci = (README.parent / ".ci" / "run").read_text()
     assert re.search(r"^make test$", ci, re.M)
+
+
+def test_example_commands_in_readme_parse():
+    """Every `python examples/NAME.py ARGS` of the README is accepted by
+    that script's parser (the scripts run end to end in test_examples)."""
+    import importlib.util
+    import shlex
+
+    commands = re.findall(
+        r"python (examples/\w+\.py)([^`|\n]*)", README.read_text()
+    )
+    assert {path for path, _ in commands} >= {
+        "examples/cifar10_resnet18.py",
+        "examples/cifar100_wrn.py",
+        "examples/wikitext2_rnn.py",
+        "examples/mnist_hessian_reinit.py",
+    }
+    for path, args in commands:
+        spec = importlib.util.spec_from_file_location(
+            "readme_example", README.parent / path
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.make_parser().parse_args(shlex.split(args))
+
+
+def test_console_help_in_readme_is_current(capsys):
+    from keras_seht import console
+
+    block = re.search(
+        r"```text\n\$ keras-seht --help\n(.*?)```", README.read_text(), re.S
+    ).group(1)
+    assert console.main(["--help"]) == 0
+    assert capsys.readouterr().out == block

@@ -43,16 +43,27 @@ def seeds(value: str) -> list[int]:
     return list(dict.fromkeys(found))
 
 
-def choices(allowed: Sequence[str]) -> Any:
-    """argparse type: a comma-separated list of names from `allowed`."""
+def choices(allowed: Sequence[str], combine: bool = False) -> Any:
+    """argparse type: a comma-separated list of names from `allowed`, or
+    with `combine`, of ``baseline`` and ``+``-joins of names from
+    `allowed` (``seht-d+cutout``)."""
+
+    def known(name: str) -> bool:
+        if not combine:
+            return name in allowed
+        parts = name.split("+")
+        return name == "baseline" or (
+            len(set(parts)) == len(parts) and all(p in allowed for p in parts)
+        )
 
     def parse(value: str) -> list[str]:
         names = [v.strip() for v in value.split(",") if v.strip()]
-        unknown = [n for n in names if n not in allowed]
+        unknown = [n for n in names if not known(n)]
         if unknown or not names:
+            what = "'baseline' or '+'-joins of " if combine else ""
             raise argparse.ArgumentTypeError(
-                f"must be a comma-separated list of {', '.join(allowed)}; "
-                f"got {value!r}"
+                f"must be a comma-separated list of {what}"
+                f"{', '.join(allowed)}; got {value!r}"
             )
         return list(dict.fromkeys(names))
 
@@ -69,18 +80,21 @@ def add_run_arguments(
     output_dir: str,
     data_dir_help: str,
     download_flag: bool = False,
+    combine: bool = False,
 ) -> None:
     """Adds the arguments every example has: ``--methods``, ``--seeds``,
     ``--epochs``, ``--batch-size``, ``--output-dir``, ``--data-dir``,
     ``--smoke``, ``--verbose`` (and ``--no-download`` with
-    `download_flag`)."""
+    `download_flag`). With `combine`, a method is ``baseline`` or
+    ``+``-joined names from `methods`."""
     parser.add_argument(
         "--methods",
         "--method",
-        type=choices(methods),
+        type=choices(methods, combine),
         default=list(default_methods),
-        help=f"comma-separated methods, from: {', '.join(methods)} "
-        f"(default: {','.join(default_methods)})",
+        help=f"comma-separated methods, from: "
+        f"{'baseline and +-joins of ' if combine else ''}"
+        f"{', '.join(methods)} (default: {','.join(default_methods)})",
     )
     parser.add_argument(
         "--seeds",

@@ -205,6 +205,19 @@ def load_checkpoint(
 # ------------------------------------------------------------------ the run
 
 
+class _Progress(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar, showing the run's epochs ("Epoch 3/200"), not
+    the one-epoch `fit` call's ("Epoch 3/3")."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.total_epochs = epochs
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        super().set_params(params)
+        self.epochs = self.total_epochs
+
+
 def _same_config(saved: dict[str, Any], config: dict[str, Any]) -> bool:
     def strip(c: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in c.items() if k not in RESUMABLE_KEYS}
@@ -238,8 +251,9 @@ def run_training(
     Args:
         model: A compiled Keras model (any backend), freshly built with
             the run's seed: a resumed run overwrites its variables.
-        train: The training data: an object with ``set_epoch(epoch)``
-            (`ArrayDataset`, `BPTTDataset`, ...) that `fit` accepts.
+        train: The training data `fit` accepts, in a fixed order or with
+            ``set_epoch(epoch)`` choosing the order of each epoch
+            (`ArrayDataset`); `fit` does not shuffle it.
         epochs: The total number of epochs.
         output_dir: Where ``checkpoint.npz`` and ``results.json`` go.
         experiment: The experiment's name (e.g. ``"cifar10_resnet18"``).
@@ -306,13 +320,15 @@ def run_training(
         "versions": versions(),
         "final": {},
     }
+    progress = [_Progress(epochs)] if verbose else []
     epoch = start
     while epoch < epochs and _finite(history):
         if learning_rate is not None:
             lr = float(learning_rate(epoch, history))
             model.optimizer.learning_rate.assign(lr)
             history.setdefault("learning_rate", []).append(lr)
-        train.set_epoch(epoch)
+        if hasattr(train, "set_epoch"):
+            train.set_epoch(epoch)
         begin = time.perf_counter()
         fit = model.fit(
             train,
@@ -320,7 +336,7 @@ def run_training(
             initial_epoch=epoch,
             epochs=epoch + 1,
             shuffle=False,  # `train` orders its own batches, by epoch.
-            callbacks=restore_rng + list(callbacks),
+            callbacks=restore_rng + list(callbacks) + progress,
             verbose=verbose,
         )
         restore_rng = []

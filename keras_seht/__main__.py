@@ -1,0 +1,9 @@
+"""``python -m keras_seht``: the ``keras-seht`` command (see
+`keras_seht.console`)."""
+
+import sys
+
+from keras_seht.console import main
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m keras_seht"))
