@@ -1,7 +1,7 @@
 # keras-seht developer commands. Each target sets up .venv itself.
 #
 #   make demo    SEHT vs plain Keras on scikit-learn digits (about a minute)
-#   make test    ruff, then the test suite once per Keras backend
+#   make test    ruff and mypy, then the test suite once per Keras backend
 #
 # Variables: PYTHON (the interpreter that creates .venv), BACKENDS (the
 # Keras backends to test, longest first), TEST_JOBS (backends tested at
@@ -39,6 +39,7 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: lint
 	BIN=$(BIN) BACKENDS="$(BACKENDS)" JOBS=$(TEST_JOBS) \

@@ -4,9 +4,11 @@ names the argument, its allowed values and what was received."""
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 def check_int(name: str, value: Any, low: int = 1) -> int:
@@ -22,7 +24,7 @@ def check_int(name: str, value: Any, low: int = 1) -> int:
     return int(value)
 
 
-def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+def check_choice(name: str, value: Any, allowed: Sequence[T]) -> T:
     """`value`, if it is one of `allowed`."""
     if value not in allowed:
         raise ValueError(

@@ -137,7 +137,7 @@ def exact_tf_moments() -> Iterator[None]:
         tf_nn._compute_moments = original
 
 
-def functional_class() -> type:
+def functional_class() -> type[Any]:
     """Keras' ``Functional`` model class (not exported publicly)."""
     from keras.src.models.functional import Functional
 

@@ -23,7 +23,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeAlias
 
 import keras
 import numpy as np
@@ -33,7 +33,7 @@ from keras_seht._checks import check_choice, check_int
 from keras_seht.layout import WeightLayout
 from keras_seht.penalties import Penalty
 
-Seed = int | keras.random.SeedGenerator | None
+Seed: TypeAlias = int | keras.random.SeedGenerator | None
 
 #: The curvature matrices an estimator can probe.
 CURVATURES = ("hessian", "gauss_newton")

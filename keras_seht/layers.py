@@ -278,7 +278,7 @@ class DropBlock2D(keras.layers.Layer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.supports_masking = True
-        self.step = None
+        self.step: Any = None  # the warm-up counter variable, once built
 
     def build(self, input_shape: Any) -> None:
         height, width = _spatial_shape(self, input_shape)

@@ -9,7 +9,7 @@ weights. With ``seht=None`` they train exactly like plain Keras.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import keras
 
@@ -38,6 +38,18 @@ class SEHTTrainer:
     gradient). ``loss`` is the total objective L + sum strength * R, as
     Keras logs weight regularization.
     """
+
+    if TYPE_CHECKING:
+        # Provided by the keras.Model this mixin is combined with.
+        built: bool
+        trainable_variables: list[Any]
+        optimizer: Any
+        jit_compile: Any
+        # Set with object.__setattr__ (kept out of Keras' tracking).
+        _seht: Penalty | list[Penalty] | None
+        _seht_layout: WeightLayout | None
+        _seht_trackers: tuple[Any, ...] | None
+        _seht_warned: bool
 
     def _seht_setup(self) -> None:
         # Created before the model is built so that the JAX backend threads
@@ -152,7 +164,9 @@ class SEHTTrainer:
             values: One value R per penalty, in ``seht_penalties`` order.
             finite: Whether all of them were finite (a bool or a tensor).
         """
-        *value_trackers, skipped_tracker = self._seht_trackers
+        # Only called after compile(seht=...) created the trackers.
+        trackers = cast(tuple[Any, ...], self._seht_trackers)
+        *value_trackers, skipped_tracker = trackers
         values = list(values)
         estimator = self.seht_estimator
         if estimator is not None:
@@ -188,8 +202,9 @@ class SEHTTrainer:
         if self.seht is not None:
             # `callbacks` is fit's sixth positional parameter.
             if len(args) > 5:
-                args = list(args)
-                args[5] = _with_skip_warning(self, args[5])
+                args_list = list(args)
+                args_list[5] = _with_skip_warning(self, args_list[5])
+                args = tuple(args_list)
             else:
                 kwargs["callbacks"] = _with_skip_warning(
                     self, kwargs.get("callbacks")
@@ -369,7 +384,8 @@ def wrap(model: keras.Model) -> Model | Sequential:
     True
     """
     if isinstance(model, SEHTTrainer):
-        return model
+        # Model and Sequential are the SEHTTrainer classes.
+        return cast("Model | Sequential", model)
     if not isinstance(model, keras.Model):
         raise TypeError(
             "`model` must be a keras.Model. Received: "

@@ -87,7 +87,7 @@ class Penalty:
     def __eq__(self, other: object) -> bool:
         return (
             type(self) is type(other)
-            and self.get_config() == other.get_config()  # type: ignore
+            and self.get_config() == other.get_config()
         )
 
     def __hash__(self) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import keras
 
@@ -176,14 +176,15 @@ def _get_list(identifiers: Sequence[Any]) -> list[Penalty]:
         raise ValueError(
             "`seht` was given an empty list. Pass seht=None for no penalty."
         )
-    penalties = []
+    penalties: list[Penalty] = []
     for item in identifiers:
         if item is None or isinstance(item, (list, tuple)):
             raise ValueError(
                 "Each entry of a `seht` list must be a penalty, a name or a "
                 f"config dict. Received: {item!r} in seht={identifiers!r}"
             )
-        penalties.append(get(item))
+        # Not a list nor None: `get` resolves it to a single penalty.
+        penalties.append(cast(Penalty, get(item)))
     names = [p.log_name for p in penalties]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

@@ -88,7 +88,8 @@ def test_mnist_missing_data_is_a_clear_error(tmp_path):
         example.main(["--smoke", "--data-dir", str(tmp_path), "--no-download"])
 
 
-# The CIFAR scripts are backend-neutral glue over pieces tested on every
+# The CIFAR scripts (and the GRU variant of the WikiText-2 one) are
+# backend-neutral glue over pieces tested on every
 # backend (runner, pipeline, applications); their smoke runs cost 1-3 min
 # of JAX/XLA compilation per script, so they are slow (make test-all)
 # except under torch.
@@ -154,7 +155,9 @@ def _corpus(folder):
     return str(folder)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize(
+    "cell", ["lstm", pytest.param("gru", marks=_CIFAR_MARKS)]
+)
 def test_wikitext2_smoke(tmp_path, cell):
     example = _example("wikitext2_rnn")
     data = _corpus(tmp_path)

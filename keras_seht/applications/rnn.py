@@ -14,7 +14,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 
@@ -49,8 +49,13 @@ class _SEHTRecurrent:
        constant). Passing ``jit_compile=True`` with ``seht=`` fails there.
     """
 
+    if TYPE_CHECKING:
+        # Provided by the Keras LSTM/GRU this mixin is combined with.
+        stateful: bool
+        states: Any
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(*args, **kwargs)
         if keras.config.backend() == "tensorflow":
             self.supports_jit = False
 
@@ -79,7 +84,10 @@ class SEHTGRU(_SEHTRecurrent, keras.layers.GRU):
     the train step out of XLA (see `rnn_language_model`)."""
 
 
-_RNN_LAYERS = {"lstm": SEHTLSTM, "gru": SEHTGRU}
+_RNN_LAYERS: dict[str, type[keras.layers.RNN]] = {
+    "lstm": SEHTLSTM,
+    "gru": SEHTGRU,
+}
 
 
 def _rnn_initializers(

@@ -352,6 +352,7 @@ def train_step(
             if penalty is estimator:
                 scaled_values.append(scaled_t)
             elif isinstance(penalty, GradientNorm):
+                assert grads is not None  # needs_gradient: computed above
                 scaled_values.append(_dot(grads, grads) / scale)
             elif j in first_order:
                 scaled_values.append(first_order[j])

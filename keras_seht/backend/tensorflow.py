@@ -324,13 +324,15 @@ def uniform(
     if seed is None:
         return keras.random.uniform(shape, dtype=dtype)
     if isinstance(seed, keras.random.SeedGenerator):
-        seed = tf.convert_to_tensor(seed.next())
-        if seed.dtype != tf.int32:
-            seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+        seed_tensor = tf.convert_to_tensor(seed.next())
+        if seed_tensor.dtype != tf.int32:
+            seed_tensor = tf.cast(
+                tf.math.floormod(seed_tensor, tf.int32.max - 1), tf.int32
+            )
     else:
-        seed = tf.constant([int(seed), 0], tf.int32)
+        seed_tensor = tf.constant([int(seed), 0], tf.int32)
     return tf.random.stateless_uniform(
-        shape, seed=seed, dtype=dtype, alg="philox"
+        shape, seed=seed_tensor, dtype=dtype, alg="philox"
     )
 
 
@@ -384,7 +386,7 @@ class HessianVectorProduct:
         self._quadratic_form = tf.function(
             lambda vectors: _dot(vectors, self._hessian_vector_product(vectors))
         )
-        self._diagonal_rows = None
+        self._diagonal_rows: Any = None  # a tf.function, made on first use
 
     def _loss_and_grads(
         self, params: Sequence[tf.Tensor]

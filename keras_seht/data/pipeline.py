@@ -137,6 +137,7 @@ def random_crop_flip(padding: int = 4, flip: bool = True) -> Augment:
     def apply(
         x: np.ndarray, y: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
+        n: int
         n, height, width = x.shape[:3]
         padded = np.pad(
             x, ((0, 0), (padding, padding), (padding, padding), (0, 0))

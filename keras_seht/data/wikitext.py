@@ -212,8 +212,11 @@ def _load_local(data_dir: str) -> Corpus:
     paths = _find_files(data_dir)
     if paths is None:
         raise _missing_error(data_dir)
+    train, valid, test = (_read_lines(paths[s]) for s in SPLITS)
     return Corpus.from_lines(
-        *(_read_lines(paths[s]) for s in SPLITS),
+        train,
+        valid,
+        test,
         source=os.path.dirname(os.path.abspath(paths["train"])),
     )
 
@@ -234,9 +237,11 @@ def _import_datasets() -> Any:
 def _load_datasets(datasets: Any) -> Corpus:
     splits = datasets.load_dataset(HF_DATASET, HF_CONFIG)
     # Hugging Face rows are the files' lines ("" for blank ones).
+    train, valid, test = (
+        splits[name]["text"] for name in ("train", "validation", "test")
+    )
     return Corpus.from_lines(
-        *(splits[name]["text"] for name in ("train", "validation", "test")),
-        source=f"datasets:{HF_DATASET}/{HF_CONFIG}",
+        train, valid, test, source=f"datasets:{HF_DATASET}/{HF_CONFIG}"
     )
 
 

@@ -153,7 +153,8 @@ def save_checkpoint(
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            # numpy's stub: mypy also matches **arrays to `allow_pickle`.
+            np.savez(f, **arrays)  # type: ignore[arg-type]
 
     atomic_write(path, write)
 
