@@ -232,8 +232,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     limits: dict[str, Any] = {"train_limit": None, "test_limit": None}
     if args.smoke:
         limits = {k: SMOKE[k] for k in limits}
-        for key in SMOKE.keys() - limits.keys():
-            setattr(args, key, min(getattr(args, key), SMOKE[key]))
+        cli.apply_smoke(
+            args, {k: v for k, v in SMOKE.items() if k not in limits}
+        )
     data = load_mnist(args.data_dir, download=not args.no_download, **limits)
     results = [
         train_one(method, seed, args, data)

@@ -46,3 +46,15 @@ def write_json(path: str, payload: Any) -> None:
             f.write("\n")
 
     atomic_write(path, write)
+
+
+def write_npz(path: str, *arrays: Any, **named: Any) -> None:
+    """Writes arrays with `numpy.savez` atomically (positional ones as
+    ``arr_0``, ``arr_1``, ...)."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, *arrays, **named)
+
+    atomic_write(path, write)

@@ -225,8 +225,7 @@ def main(
     limits: dict[str, Any] = {"train_limit": None, "test_limit": None}
     if args.smoke:
         limits = {k: SMOKE[k] for k in limits}
-        args.epochs = min(args.epochs, SMOKE["epochs"])
-        args.batch_size = min(args.batch_size, SMOKE["batch_size"])
+        cli.apply_smoke(args, {k: SMOKE[k] for k in ("epochs", "batch_size")})
     data = load_cifar(
         recipe.num_classes,
         args.data_dir,

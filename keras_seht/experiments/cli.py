@@ -164,3 +164,10 @@ def run_config(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     }
     config.update(extra)
     return config
+
+
+def apply_smoke(args: argparse.Namespace, caps: dict[str, int]) -> None:
+    """For ``--smoke``: lowers each argument named in `caps` to at most
+    its cap (a value already below stays)."""
+    for key, cap in caps.items():
+        setattr(args, key, min(getattr(args, key), cap))

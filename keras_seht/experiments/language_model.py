@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
-from keras_seht._io import atomic_write
+from keras_seht._io import write_npz
 from keras_seht.applications import reset_rnn_states, rnn_language_model
 from keras_seht.data import BPTTDataset, load_wikitext2
 from keras_seht.experiments import cli, recipes, report
@@ -154,11 +154,7 @@ def evaluate_perplexity(
 
 
 def save_weights(path: str, weights: list[np.ndarray]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, *weights)
-
-    atomic_write(path, write)
+    write_npz(path, *weights)
 
 
 def load_weights(path: str) -> list[np.ndarray]:
@@ -255,8 +251,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.dropout is None:
         args.dropout = DROPOUT[args.cell]
     if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, min(getattr(args, key), value))
+        cli.apply_smoke(args, SMOKE)
     corpus = load_wikitext2(args.data_dir)
     results = [
         train_one(method, seed, args, corpus)

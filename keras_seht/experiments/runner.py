@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import keras
 import numpy as np
 
-from keras_seht._io import atomic_write, write_json
+from keras_seht._io import write_json, write_npz
 from keras_seht.version import __version__
 
 #: ``results.json``'s ``format``. Its keys: ``format``, ``experiment``,
@@ -150,13 +150,7 @@ def save_checkpoint(
         arrays["torch_rng"] = torch_rng
     meta = dict(meta, callbacks=[c.get_state() for c in _stateful(callbacks)])
     arrays["meta"] = np.array(json.dumps(meta))
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            # numpy's stub: mypy also matches **arrays to `allow_pickle`.
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-
-    atomic_write(path, write)
+    write_npz(path, **arrays)
 
 
 def load_checkpoint(
