@@ -37,6 +37,10 @@ Seed: TypeAlias = int | keras.random.SeedGenerator | None
 
 #: The curvature matrices an estimator can probe.
 CURVATURES = ("hessian", "gauss_newton")
+#: How the train step differentiates the estimate (see `CurvatureEstimator`).
+METHODS = ("exact", "finite_difference", "antithetic")
+#: The default finite-difference step of ``method="finite_difference"``.
+DEFAULT_EPSILON = 1e-2
 
 
 def _check_probability(name: str, value: Any, high: float) -> float:
@@ -50,6 +54,16 @@ def _check_probability(name: str, value: Any, high: float) -> float:
             f"{name}={value!r}"
         )
     return prob
+
+
+def _split(flat: Any, shapes: Sequence[tuple[int, ...]]) -> list[Any]:
+    """Cuts a 1-D array into consecutive pieces with the given shapes."""
+    pieces, offset = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        pieces.append(ops.reshape(flat[offset : offset + size], shape))
+        offset += size
+    return pieces
 
 
 class CurvatureEstimator(Penalty):
@@ -91,11 +105,55 @@ class CurvatureEstimator(Penalty):
     then still show the raw :math:`t`, and ``seht_negative_fraction`` the
     share of steps with :math:`t < 0`.
 
+    Method. ``method="exact"`` (the default, and the paper's math) trains
+    on the exact derivative of :math:`t`, a third-order derivative of the
+    loss. Two opt-in methods need first-order gradients only, so they also
+    work where double backward does not (cuDNN RNN kernels, DDP gradient
+    hooks, mixed precision that overflows in an HVP), and cost less. They
+    replace :math:`t` by the central finite difference along the probe,
+
+    .. math::
+
+        t_\epsilon = \frac{L(w + \epsilon\sigma) + L(w - \epsilon\sigma)
+            - 2L(w)}{\epsilon^2}
+            = \sigma^\top H \sigma + O(\epsilon^2),
+
+    and train on the exact gradient of :math:`L + \text{strength}\cdot
+    t_\epsilon`, i.e. gradients at :math:`w` and :math:`w\pm\epsilon
+    \sigma`. This is a *smoothed* curvature penalty (the curvature
+    averaged over a segment of length :math:`2\epsilon\|\sigma\|`): it
+    converges to SEHT as :math:`\epsilon \to 0` only for smooth
+    activations (tanh, GELU, sigmoid). On ReLU networks the perturbed
+    passes cross activation kinks and the penalty and its gradient differ
+    from SEHT's by O(1), whatever :math:`\epsilon`.
+
+    * ``"finite_difference"``: :math:`t_\epsilon` with ``epsilon``
+      (default ``1e-2``); ``2 * max_iter + 1`` gradients per step. Too
+      small an ``epsilon`` loses :math:`t_\epsilon` to float32 rounding
+      (its error grows as :math:`\delta L / \epsilon^2`), too large a one
+      smooths more.
+    * ``"antithetic"``: :math:`\epsilon^2 = 2\cdot\text{strength}`, for
+      which :math:`L + \text{strength}\cdot t_\epsilon =
+      \tfrac12[L(w+\epsilon\sigma) + L(w-\epsilon\sigma)]`:
+      ``2 * max_iter`` gradients, none at :math:`w` (a forward pass there
+      still gives the loss, the metrics, :math:`t_\epsilon` for the logs
+      and BatchNorm's statistics). The smoothing width is tied to the
+      strength, and ``clip_negative`` does not apply.
+
+    The perturbed passes run statelessly with the step's non-trainable
+    state (the same Dropout masks and BatchNorm batch statistics mode);
+    BatchNorm moving statistics and seeds advance once per step, as in a
+    plain step. The reported ``seht_trace`` is :math:`t_\epsilon`.
+
     Args:
         max_iter: Number of independent probes averaged per training step.
         strength: Multiplier of the trace estimate added to the loss.
         curvature: ``"hessian"`` (default) or ``"gauss_newton"``.
         clip_negative: Penalize ``max(t, 0)`` instead of ``t``.
+        method: ``"exact"`` (default), ``"finite_difference"`` or
+            ``"antithetic"`` (Hessian only; see above).
+        epsilon: The step of ``method="finite_difference"`` (default
+            ``1e-2``); must be None for the other methods.
     """
 
     log_name = "seht_trace"
@@ -106,26 +164,75 @@ class CurvatureEstimator(Penalty):
         strength: float = 1e-3,
         curvature: str = "hessian",
         clip_negative: bool = False,
+        method: str = "exact",
+        epsilon: float | None = None,
     ) -> None:
         super().__init__(strength)
         self.max_iter = check_int("max_iter", max_iter)
         check_choice("curvature", curvature, CURVATURES)
+        check_choice("method", method, METHODS)
         if not isinstance(clip_negative, (bool, np.bool_)):
             raise ValueError(
                 "`clip_negative` must be a bool. Received: clip_negative="
                 f"{clip_negative!r}"
             )
+        if method != "exact" and curvature != "hessian":
+            raise ValueError(
+                f"`method={method!r}` approximates the Hessian's quadratic "
+                "form; it needs curvature='hessian'. Received: "
+                f"curvature={curvature!r}"
+            )
+        if method == "antithetic" and clip_negative:
+            raise ValueError(
+                "`clip_negative=True` does not apply to method='antithetic' "
+                "(its objective is (L(w+e*sigma) + L(w-e*sigma)) / 2, not "
+                "a function of t); use method='finite_difference'."
+            )
+        if method == "antithetic" and self.strength == 0:
+            raise ValueError(
+                "method='antithetic' needs `strength` > 0 (it sets "
+                "epsilon = sqrt(2 * strength)). Received: strength=0"
+            )
+        if epsilon is not None and method != "finite_difference":
+            raise ValueError(
+                "`epsilon` applies to method='finite_difference' only (the "
+                "exact method has none; the antithetic one uses "
+                f"sqrt(2 * strength)). Received: epsilon={epsilon!r}, "
+                f"method={method!r}"
+            )
+        if epsilon is not None:
+            try:
+                value = float(epsilon)
+            except (TypeError, ValueError):
+                value = float("nan")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    "`epsilon` must be a finite float > 0. Received: "
+                    f"epsilon={epsilon!r}"
+                )
+            epsilon = value
         self.curvature = curvature
         self.clip_negative = bool(clip_negative)
+        self.method = method
+        self.epsilon = epsilon
 
     @property
     def needs_loss_gradient(self) -> bool:  # type: ignore[override]
-        """Hessian: t is built from HVPs of the loss gradient."""
-        return self.curvature == "hessian"
+        """Exact Hessian: t is built from HVPs of the loss gradient."""
+        return self.curvature == "hessian" and self.method == "exact"
 
     @property
     def needs_double_backward(self) -> bool:
-        return True
+        return self.method == "exact"
+
+    @property
+    def step_epsilon(self) -> float:
+        """The finite-difference step the train step uses (not "exact")."""
+        if self.method == "antithetic":
+            return math.sqrt(2.0 * self.strength)
+        if self.method == "finite_difference":
+            return DEFAULT_EPSILON if self.epsilon is None else self.epsilon
+        raise ValueError("method='exact' has no finite-difference step.")
 
     def objective_value(self, t: Any) -> Any:
         """What enters the loss: t, or max(t, 0) with ``clip_negative``."""
@@ -176,13 +283,33 @@ class CurvatureEstimator(Penalty):
             for p in self._probes_from(layout, uniform)
         ]
 
+    def sample_sparse_probes(
+        self, layout: WeightLayout, seed: Seed = None, dtype: str = "float32"
+    ) -> list[Any | None]:
+        """A probe as `sample_probes`, with None for all-zero variables.
+
+        For eager train steps (PyTorch): the step then leaves those
+        variables out of the Hessian-vector product, which is exact since
+        they contribute nothing to sigma^T H sigma. The distribution is
+        that of `sample_probes` (the random stream differs). This default
+        draws a dense probe and checks each variable (one host
+        synchronization); `SEHTD` draws only the layers it selects.
+        """
+        probes = self.sample_probes(layout, seed=seed, dtype=dtype)
+        flags = ops.convert_to_numpy(
+            ops.stack([ops.any(ops.not_equal(p, 0)) for p in probes])
+        )
+        return [p if bool(f) else None for p, f in zip(probes, flags)]
+
     def _probes_from(
         self, layout: WeightLayout, uniform: Callable[[tuple[int, ...]], Any]
     ) -> list[Any]:
         """The probe as a function of a source of U[0, 1) float32 draws.
 
         Subclasses implement either this (and get `sample_probes` and
-        `draw_probes` for free) or `sample_probes` itself.
+        `draw_probes` for free) or `sample_probes` itself. Draw few, large
+        arrays (`_split` cuts one draw into per-variable pieces): every
+        call is a kernel launch, and on eager backends a Python dispatch.
         """
         raise NotImplementedError(
             f"{type(self).__name__} must implement `sample_probes` or "
@@ -222,6 +349,8 @@ class CurvatureEstimator(Penalty):
             "strength": self.strength,
             "curvature": self.curvature,
             "clip_negative": self.clip_negative,
+            "method": self.method,
+            "epsilon": self.epsilon,
         }
 
 
@@ -247,6 +376,9 @@ class SEHTH(CurvatureEstimator):
         curvature: ``"hessian"`` or ``"gauss_newton"`` (see
             `CurvatureEstimator`).
         clip_negative: Penalize ``max(t, 0)`` (Hessian only).
+        method: ``"exact"``, ``"finite_difference"`` or ``"antithetic"``
+            (see `CurvatureEstimator`).
+        epsilon: The step of ``method="finite_difference"``.
 
     Example:
 
@@ -258,10 +390,8 @@ class SEHTH(CurvatureEstimator):
     def _probes_from(
         self, layout: WeightLayout, uniform: Callable[[tuple[int, ...]], Any]
     ) -> list[Any]:
-        return [
-            ops.where(uniform(shape) < 0.5, -1.0, 1.0)
-            for shape in layout.shapes
-        ]
+        u = uniform((sum(math.prod(s) for s in layout.shapes),))
+        return _split(ops.where(u < 0.5, -1.0, 1.0), layout.shapes)
 
     def layer_weights(self, layout: WeightLayout) -> list[float]:
         return [1.0] * layout.num_layers
@@ -306,6 +436,9 @@ class SEHTD(CurvatureEstimator):
         curvature: ``"hessian"`` or ``"gauss_newton"`` (see
             `CurvatureEstimator`).
         clip_negative: Penalize ``max(t, 0)`` (Hessian only).
+        method: ``"exact"``, ``"finite_difference"`` or ``"antithetic"``
+            (see `CurvatureEstimator`).
+        epsilon: The step of ``method="finite_difference"``.
 
     Example:
 
@@ -324,12 +457,16 @@ class SEHTD(CurvatureEstimator):
         unbiased: bool = False,
         curvature: str = "hessian",
         clip_negative: bool = False,
+        method: str = "exact",
+        epsilon: float | None = None,
     ) -> None:
         super().__init__(
             max_iter=max_iter,
             strength=strength,
             curvature=curvature,
             clip_negative=clip_negative,
+            method=method,
+            epsilon=epsilon,
         )
         self.p = _check_probability("p", p, 0.5)
         self.layer_p = (
@@ -365,22 +502,64 @@ class SEHTD(CurvatureEstimator):
     def _probes_from(
         self, layout: WeightLayout, uniform: Callable[[tuple[int, ...]], Any]
     ) -> list[Any]:
-        probes: list[Any] = [None] * len(layout.shapes)
+        # One draw decides the layers, one the entries of every variable.
         probs = self.layer_probabilities(layout)
+        u_layers = uniform((layout.num_layers,))
+        entries = _split(
+            self._entries(uniform((layout.num_weights,))), layout.shapes
+        )
+        probes: list[Any] = [None] * len(layout.shapes)
         for layer, indices in enumerate(layout.groups):
             pi = probs[layer]
-            if pi >= 1.0:
-                drawn = ops.ones((), dtype="float32")
-            else:
-                drawn = ops.cast(uniform(()) < pi, "float32")
-            scale = 1.0 / math.sqrt(pi * 2.0 * self.p) if self.unbiased else 1
+            drawn = ops.cast(u_layers[layer] < pi, "float32")
+            scale = self._scale(pi)
             for i in indices:
-                u = uniform(layout.shapes[i])
-                entries = ops.cast(u < self.p, "float32") - ops.cast(
-                    u >= 1.0 - self.p, "float32"
-                )
-                probes[i] = entries * (drawn * scale)
+                probes[i] = entries[i] * (drawn * scale)
         return probes
+
+    def sample_sparse_probes(
+        self, layout: WeightLayout, seed: Seed = None, dtype: str = "float32"
+    ) -> list[Any | None]:
+        """`sample_probes` for eager steps: entries of drawn layers only.
+
+        The layer draws are read on the host (one synchronization), then
+        one draw gives the entries of the drawn layers' variables; the
+        others are None (a zero probe). Same distribution as
+        `sample_probes`, a fraction of its random numbers.
+        """
+        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+            seed = keras.random.SeedGenerator(int(seed))
+        probs = self.layer_probabilities(layout)
+        u_layers = ops.convert_to_numpy(
+            keras.random.uniform((layout.num_layers,), seed=seed)
+        )
+        drawn = [
+            i
+            for layer, indices in enumerate(layout.groups)
+            if u_layers[layer] < probs[layer]
+            for i in indices
+        ]
+        probes: list[Any | None] = [None] * len(layout.shapes)
+        if not drawn:
+            return probes
+        shapes = [layout.shapes[i] for i in drawn]
+        size = sum(math.prod(s) for s in shapes)
+        u = keras.random.uniform((size,), seed=seed)
+        owner = layout.layer_of()
+        for i, entries in zip(drawn, _split(self._entries(u), shapes)):
+            scale = self._scale(probs[owner[i]])
+            probes[i] = ops.cast(entries * scale, dtype)
+        return probes
+
+    def _entries(self, u: Any) -> Any:
+        """+1 where u < p, -1 where u >= 1 - p, else 0 (as float32)."""
+        return ops.cast(u < self.p, "float32") - ops.cast(
+            u >= 1.0 - self.p, "float32"
+        )
+
+    def _scale(self, pi: float) -> float:
+        """The unbiased rescaling 1/sqrt(pi * 2p) (1 when biased)."""
+        return 1.0 / math.sqrt(pi * 2.0 * self.p) if self.unbiased else 1.0
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

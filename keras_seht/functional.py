@@ -80,3 +80,12 @@ def scope_values(
         new = scope.get_current_value(variable)
         updated.append(value if new is None else new)
     return updated
+
+
+def shifted(values: Sequence[Any], probe: Sequence[Any], step: float) -> list:
+    """``w + step * sigma``, one tensor per variable; a None entry of
+    `probe` (a zero probe) leaves the value as it is."""
+    return [
+        v if s is None else v + ops.cast(s, v.dtype) * step
+        for v, s in zip(values, probe)
+    ]

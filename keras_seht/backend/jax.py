@@ -255,6 +255,7 @@ def train_step(
     estimator = model.seht_estimator
     jacobian = next((p for p in penalties if isinstance(p, Jacobian)), None)
     needs_gradient = any(p.needs_loss_gradient for p in penalties)
+    smoothed = estimator is not None and estimator.method != "exact"
 
     dtypes = [jnp.asarray(v).dtype for v in trainable_values]
     probes: list[Any] = []
@@ -337,6 +338,29 @@ def train_step(
             )
             if needs_gradient:  # GradientNorm
                 grads = jax.grad(lambda v: base_fn(v)[0])(w)
+        elif smoothed:
+            # t_eps from the losses at w +- e sigma_k, run with the step's
+            # non-trainable values (same Dropout masks); their updates are
+            # dropped. Antithetic: the loss at w gets no gradient, so
+            # L + strength t_eps differentiates as (L+ + L-) / 2 alone.
+            scaled_loss, (aux, first_order) = base_fn(w)
+            if needs_gradient:  # GradientNorm
+                grads = jax.grad(lambda v: base_fn(v)[0])(w)
+            epsilon = estimator.step_epsilon
+            count = estimator.max_iter  # probes: a leading probe axis
+            pair = (
+                sum(
+                    loss_fn(
+                        functional.shifted(w, [p[k] for p in probes], s), leaves
+                    )[0]
+                    for k in range(count)
+                    for s in (epsilon, -epsilon)
+                )
+                / count
+            )
+            if estimator.method == "antithetic":
+                scaled_loss = jax.lax.stop_gradient(scaled_loss)
+            scaled_t = (pair - 2.0 * scaled_loss) / epsilon**2
         elif estimator is not None:
             scaled_t, (scaled_loss, grads, (aux, first_order)) = probe_estimate(
                 base_fn, w, probes
@@ -372,7 +396,17 @@ def train_step(
     )
     one = jnp.ones_like(scaled_loss)
     total_grads = vjp_fn((one, one))[0]
-    if loss_grads is None:
+    if loss_grads is None and smoothed and estimator.method == "antithetic":
+        # The loss at w carries no gradient: take it only on a fallback.
+        def plain_grads() -> list[Any]:
+            return jax.grad(lambda v: loss_fn(v, leaves)[0])(trainable_values)
+
+        loss_grads = jax.lax.cond(
+            jnp.all(jnp.isfinite(jnp.stack(scaled_values))),
+            lambda: [jnp.zeros_like(g) for g in total_grads],
+            plain_grads,
+        )
+    elif loss_grads is None:
         loss_grads = vjp_fn((one, jnp.zeros_like(one)))[0]
     unscaled_loss, y_pred, non_trainable_values, metrics_values = aux
     values = [v / scale for v in scaled_values]

@@ -187,6 +187,14 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
         flat = keras.tree.flatten(x)
         leaves = [flat[i] for i in float_inputs(x)]
     seed = model.seht_seed_generator
+    smoothed = estimator is not None and estimator.method != "exact"
+    # Read before the stateful forward pass: the perturbed passes of the
+    # smoothed methods run with the step's own non-trainable state.
+    non_trainable = (
+        [tf.identity(v.value) for v in model.non_trainable_variables]
+        if smoothed
+        else []
+    )
 
     with tf.GradientTape() as outer:
         with tf.GradientTape(persistent=num_probes > 1) as middle:
@@ -232,7 +240,7 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
             # Recorded by `middle` and `outer`: g stays differentiable.
             grads = _gradient(inner, scaled_loss, trainable)
             products = []
-            if not gauss_newton:
+            if not (gauss_newton or smoothed):
                 products = [_dot(grads, sigma) for sigma in probes]
         # Recorded by `outer`: every R_j stays differentiable.
         scaled_values = []
@@ -240,6 +248,19 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
             if penalty is estimator and gauss_newton:
                 value = _gauss_newton_estimate(
                     model, inner, y, y_pred, sample_weight, probes, scale
+                )
+            elif penalty is estimator and smoothed:
+                # t_eps = (L(w + e s) + L(w - e s) - 2 L(w)) / e^2: its
+                # gradient through `outer` needs first-order passes only.
+                value = _smoothed_trace(
+                    model,
+                    x,
+                    y,
+                    sample_weight,
+                    non_trainable,
+                    probes,
+                    scaled_loss,
+                    scale,
                 )
             elif penalty is estimator:
                 quadratic_forms = []
@@ -302,6 +323,38 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     )
     optimizer.apply(gradients, trainable)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _smoothed_trace(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    non_trainable: Sequence[Any],
+    probes: Sequence[Sequence[Any]],
+    scaled_loss: Any,
+    scale: Any,
+) -> Any:
+    """(mean_k [L(w + e s_k) + L(w - e s_k)] - 2 L(w)) / e^2, scaled."""
+    import tensorflow as tf
+
+    epsilon = model.seht_estimator.step_epsilon
+    trainable = [v.value for v in model.trainable_variables]
+    pairs = []
+    for probe in probes:
+        for step in (epsilon, -epsilon):
+            loss = functional.stateless_loss(
+                model,
+                functional.shifted(trainable, probe, step),
+                non_trainable,
+                x,
+                y,
+                sample_weight,
+                training=True,
+            )[0]
+            pairs.append(tf.cast(loss, scale.dtype) * scale)
+    pair = tf.add_n(pairs) / len(probes)
+    return (pair - 2.0 * tf.cast(scaled_loss, scale.dtype)) / epsilon**2
 
 
 def uniform(

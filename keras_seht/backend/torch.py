@@ -18,6 +18,7 @@ gets a non-finite gradient, skips the step and lowers its scale.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Sequence
 
@@ -43,6 +44,8 @@ def _grad(
     batched: bool = False,
 ) -> list[torch.Tensor]:
     """autograd.grad with zeros (not None) for inputs the output ignores."""
+    if not inputs:
+        return []
     if not output.requires_grad:
         shape = (output.shape[0],) if batched else ()
         return [
@@ -84,7 +87,11 @@ def probe_estimate(
     probes: Sequence[Sequence[torch.Tensor]],
     create_graph: bool,
 ) -> torch.Tensor:
-    """mean_k sigma_k^T H sigma_k from a graph-connected gradient."""
+    """mean_k sigma_k^T H sigma_k from a graph-connected gradient.
+
+    `grads`, `params` and each probe may cover a subset of the variables
+    (those the probes touch).
+    """
     values = []
     for sigma in probes:
         hv = _grad(_dot(grads, sigma), params, create_graph=create_graph)
@@ -126,6 +133,19 @@ def gauss_newton_estimate(
     return torch.stack(values).mean()
 
 
+def _densify(
+    probe: Sequence[torch.Tensor | None],
+    params: Sequence[torch.Tensor],
+    indices: Sequence[int],
+) -> list[torch.Tensor]:
+    """The probe's tensors at `indices`, zeros where it is None."""
+    dense = []
+    for i in indices:
+        sigma = probe[i]
+        dense.append(torch.zeros_like(params[i]) if sigma is None else sigma)
+    return dense
+
+
 def _input_products(
     penalty: Jacobian,
     z: torch.Tensor,
@@ -153,38 +173,79 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     penalties = model.seht_penalties
     estimator = model.seht_estimator
     needs_graph = any(p.needs_loss_gradient for p in penalties)
+    smoothed = estimator is not None and estimator.method != "exact"
+    trainable = model.trainable_weights[:]
+    params = [v.value for v in trainable]
+    seed = model.seht_seed_generator
+    one = torch.ones((), dtype=params[0].dtype, device=params[0].device)
+    scale = torch.as_tensor(model.optimizer.scale_loss(one)).detach()
+    sparse: list[list[torch.Tensor | None]] = []
+    if estimator is not None:
+        sparse = [
+            estimator.sample_sparse_probes(
+                model.seht_layout, seed=seed, dtype=params[0].dtype
+            )
+            for _ in range(estimator.max_iter)
+        ]
+    if smoothed:
+        # Before the stateful forward pass: the perturbed passes then see
+        # the step's own non-trainable state (seeds, BatchNorm statistics).
+        pair_value, pair_grads = _perturbed_pairs(
+            model, x, y, sample_weight, params, sparse, scale
+        )
     leaves: list[torch.Tensor] = []
     if any(p.needs_input_gradient for p in penalties):
         x, leaves = _watch_inputs(x)
-    if compat.call_has_training_arg(model):
-        y_pred = model(x, training=True)
-    else:
-        y_pred = model(x)
-    model.zero_grad()
-    loss = compat.compute_loss(model, x, y, y_pred, sample_weight, True)
-    one = torch.ones((), dtype=loss.dtype, device=loss.device)
-    scale = torch.as_tensor(model.optimizer.scale_loss(one)).detach()
+    # The antithetic method needs no gradient at w unless another penalty
+    # is differentiated there.
+    no_grad = smoothed and estimator.method == "antithetic"
+    no_grad = no_grad and len(penalties) == 1
+    with torch.no_grad() if no_grad else contextlib.nullcontext():
+        if compat.call_has_training_arg(model):
+            y_pred = model(x, training=True)
+        else:
+            y_pred = model(x)
+        model.zero_grad()
+        loss = compat.compute_loss(model, x, y, y_pred, sample_weight, True)
+    scale = scale.to(loss.dtype)
     scaled_loss = loss * scale
-
-    trainable = model.trainable_weights[:]
-    params = [v.value for v in trainable]
-    grads = _grad(scaled_loss, params, create_graph=needs_graph)
-    seed = model.seht_seed_generator
+    # The graph-building backward only reaches the variables whose
+    # gradient a penalty reads (those a probe touches; all of them for
+    # GradientNorm), and autograd prunes everything below the first of
+    # them.
+    if any(isinstance(p, GradientNorm) for p in penalties):
+        touched = list(range(len(params)))
+    elif needs_graph:
+        touched = [
+            i
+            for i in range(len(params))
+            if any(s[i] is not None for s in sparse)
+        ]
+    else:
+        touched = []
+    grads = _grad(scaled_loss, [params[i] for i in touched], True)
     scaled_values = []
     for penalty in penalties:
-        if penalty is estimator:
-            probes = [
-                estimator.sample_probes(
-                    model.seht_layout, seed=seed, dtype=params[0].dtype
-                )
-                for _ in range(estimator.max_iter)
-            ]
+        if penalty is estimator and smoothed:
+            # t_eps = (L(w + e s) + L(w - e s) - 2 L(w)) / e^2, scaled; its
+            # gradient is assembled below from the passes' gradients.
+            value = (pair_value - 2.0 * scaled_loss.detach()) / (
+                estimator.step_epsilon**2
+            )
+        elif penalty is estimator:
             if estimator.curvature == "gauss_newton":
+                indices = range(len(params))
+                probes = [_densify(s, params, indices) for s in sparse]
                 value = gauss_newton_estimate(
                     model, y, y_pred, sample_weight, params, probes, scale
                 )
             else:
-                value = probe_estimate(grads, params, probes, True)
+                probes = [_densify(s, params, touched) for s in sparse]
+                sub_params = [params[i] for i in touched]
+                if sub_params:
+                    value = probe_estimate(grads, sub_params, probes, True)
+                else:  # no layer drawn: t = 0 exactly
+                    value = torch.zeros_like(scaled_loss)
         elif isinstance(penalty, GradientNorm):
             value = _dot(grads, grads) / scale
         elif isinstance(penalty, Jacobian):
@@ -198,22 +259,55 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     values = [v.detach() / scale for v in scaled_values]
     finite = bool(torch.all(torch.isfinite(torch.stack(values))))
     if finite:
-        objective = sum(
+        # One backward of L + sum_j strength_j R_j: the loss's share rides
+        # along the penalties' (they meet at the same activations), so it
+        # costs little more than the penalties' backward alone.
+        loss_weight: float | torch.Tensor = 1.0
+        pair_weight: float | torch.Tensor = 0.0
+        if smoothed:
+            # d/dw of strength * R(t_eps): the pairs' gradients weigh
+            # strength R'(t) / e^2, the loss's -2 strength R'(t) / e^2
+            # (so, antithetic, L + strength t_eps = (L+ + L-) / 2).
+            index = penalties.index(estimator)
+            t = scaled_values[index]
+            slope = torch.as_tensor(
+                estimator.strength, dtype=t.dtype, device=t.device
+            )
+            if estimator.clip_negative:
+                slope = slope * (t > 0).to(t.dtype)
+            pair_weight = slope / estimator.step_epsilon**2
+            if estimator.method == "antithetic":
+                loss_weight, pair_weight = 0.0, 0.5
+            else:
+                loss_weight = 1.0 - 2.0 * pair_weight
+        objective = loss_weight * scaled_loss + sum(
             p.strength * p.objective_value(v)
             for p, v in zip(penalties, scaled_values)
+            if not (smoothed and p is estimator)
         )
-        grad_penalty = _grad(objective, params, create_graph=False)
-        gradients = [g.detach() + gp for g, gp in zip(grads, grad_penalty)]
+        gradients = [g.detach() for g in _grad(objective, params, False)]
+        if smoothed:
+            gradients = [
+                g + pair_weight * pg for g, pg in zip(gradients, pair_grads)
+            ]
         total = loss.detach() + sum(
             p.strength * p.objective_value(v) for p, v in zip(penalties, values)
         )
     elif isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
         # An overflow of the scaled HVP: a non-finite gradient makes the
         # optimizer skip the step and lower its scale, as for any overflow.
-        gradients = [torch.full_like(g, float("nan")) for g in grads]
+        gradients = [torch.full_like(p, float("nan")) for p in params]
         total = loss.detach()
     else:
-        gradients = [g.detach() for g in grads]
+        if not scaled_loss.requires_grad:  # antithetic: w had no graph
+            nt = [v.value for v in model.non_trainable_variables]
+            scaled_loss = (
+                scale
+                * functional.stateless_loss(
+                    model, params, nt, x, y, sample_weight, training=True
+                )[0]
+            )
+        gradients = [g.detach() for g in _grad(scaled_loss, params, False)]
         total = loss.detach()
     del grads, scaled_values
 
@@ -224,6 +318,39 @@ def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
     with torch.no_grad():
         model.optimizer.apply(gradients, trainable)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _perturbed_pairs(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    params: Sequence[torch.Tensor],
+    probes: Sequence[Sequence[torch.Tensor | None]],
+    scale: torch.Tensor,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """mean_k [L(w + e s_k) + L(w - e s_k)] (scaled) and its gradient.
+
+    Each pass runs statelessly with the model's current non-trainable
+    values and is differentiated at once, so one pass's graph is alive at
+    a time (peak memory as a plain step's).
+    """
+    epsilon = model.seht_estimator.step_epsilon
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    x, y, sample_weight = functional.as_tensors(x, y, sample_weight)
+    value = torch.zeros((), dtype=scale.dtype, device=scale.device)
+    gradients = [torch.zeros_like(p) for p in params]
+    for probe in probes:
+        for step in (epsilon, -epsilon):
+            shifted = functional.shifted(params, probe, step)
+            loss = functional.stateless_loss(
+                model, shifted, non_trainable, x, y, sample_weight, True
+            )[0]
+            scaled = loss * scale.to(loss.dtype) / len(probes)
+            for g, d in zip(gradients, _grad(scaled, params, False)):
+                g.add_(d)
+            value = value + scaled.detach()
+    return value, gradients
 
 
 def _watch_inputs(x: Any) -> tuple[Any, list[torch.Tensor]]:
