@@ -80,11 +80,11 @@ from keras_seht.data import load_digits
 from keras_seht.experiments.demo import (
     _compile,
     _TrainTimer,
-    _versions,
     build_cnn,
     build_mlp,
     write_json,
 )
+from keras_seht.experiments.runner import versions
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 STEM = "curvature_stability"
@@ -570,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "divergence": DIVERGENCE,
             "setup": setup,
             "arguments": vars(args),
-            "versions": _versions(),
+            "versions": versions(),
             "runs": records,
             "aggregates": rows,
         }
