@@ -1,12 +1,15 @@
 # keras-seht developer commands. Each target sets up .venv itself.
 #
 #   make demo    SEHT vs plain Keras on scikit-learn digits (about a minute)
-#   make test    ruff and mypy, then the test suite once per Keras backend
+#   make test    ruff and mypy, the doctests, the docs, the wheel check, then
+#                the test suite once per Keras backend
+#   make docs    build the documentation site into site/ (mkdocs --strict)
 #
 # Variables: PYTHON (the interpreter that creates .venv), BACKENDS (the
 # Keras backends to test, longest first), TEST_JOBS (backends tested at
 # once, one core each), PYTEST_ARGS (extra pytest arguments; the default
-# leaves out tests marked slow, `make test-all` runs them too).
+# leaves out tests marked slow, `make test-all` runs them too),
+# DOCTEST_BACKEND (the one backend the docstring examples run under).
 
 PYTHON ?= python3
 VENV := .venv
@@ -15,13 +18,15 @@ BACKENDS ?= jax torch tensorflow
 TEST_JOBS ?= 2
 PYTEST_ARGS ?= -m "not slow"
 DEMO_ARGS ?=
+DOCTEST_BACKEND ?= torch
 
 # torch is pinned to the CPU wheel for the dev/CI install (a plain `torch`
 # requirement pulls a multi-GB CUDA build); users get the range in
-# pyproject.toml. tensorflow-cpu likewise avoids the CUDA extras.
-DEV_PINS := torch==2.13.0 tensorflow-cpu>=2.16
+# pyproject.toml. tensorflow-cpu likewise avoids the CUDA extras. Quoted:
+# unquoted, the shell reads `>=2.16` as a redirection to a file `=2.16`.
+DEV_PINS := torch==2.13.0 'tensorflow-cpu>=2.16'
 
-.PHONY: venv demo test test-all lint format clean
+.PHONY: venv demo test test-all lint doctest docs wheel-check format clean
 
 venv: $(VENV)/.installed
 
@@ -29,7 +34,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(DEV_PINS)
-	$(BIN)/python -m pip install --quiet -e '.[jax,demo,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[jax,demo,dev,docs]'
 	touch $@
 
 demo: venv
@@ -41,7 +46,25 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# The examples in the docstrings. They hold on every backend; torch runs
+# them fastest.
+doctest: venv
+	KERAS_BACKEND=$(DOCTEST_BACKEND) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
+		$(BIN)/python -m pytest --doctest-modules keras_seht \
+		-p no:cacheprovider -q
+
+# The documentation site, into site/ (`mkdocs serve` serves it live).
+# --strict: a warning (a broken link, a docstring griffe cannot parse)
+# fails the build.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
+
+# Builds the sdist and the wheel, installs the wheel into a fresh virtual
+# environment and trains one SEHT step with it under each backend.
+wheel-check: venv
+	BIN=$(BIN) BACKENDS="$(BACKENDS)" bash scripts/wheel_check.sh
+
+test: lint doctest docs wheel-check
 	BIN=$(BIN) BACKENDS="$(BACKENDS)" JOBS=$(TEST_JOBS) \
 		bash scripts/test_backends.sh $(PYTEST_ARGS)
 
@@ -53,4 +76,4 @@ format: venv
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo_output
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo_output site

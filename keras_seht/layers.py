@@ -11,6 +11,18 @@ the labels too, so it needs one-hot or soft labels, e.g.
 ``keras.ops.one_hot`` with `keras.losses.CategoricalCrossentropy`), and
 dropout is `keras.layers.Dropout`.
 
+Example:
+
+>>> import keras, keras_seht
+>>> model = keras.Sequential([
+...     keras.Input((8, 8, 3)),
+...     keras_seht.layers.Cutout(4),
+...     keras.layers.Conv2D(4, 3, padding="same"),
+...     keras_seht.layers.DropBlock2D(block_size=3, keep_prob=0.9),
+... ])
+>>> model.output_shape
+(None, 8, 8, 4)
+
 References:
     Terrance DeVries, Graham W. Taylor. "Improved Regularization of
     Convolutional Neural Networks with Cutout." arXiv:1708.04552, 2017.

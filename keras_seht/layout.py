@@ -26,6 +26,19 @@ class WeightLayout:
         groups: For each weight-bearing layer, in model order, the indices
             (into ``shapes``) of the variables it owns.
         names: A readable name for each group (the layer's path).
+
+    Example:
+
+    >>> from keras_seht import WeightLayout
+    >>> layout = WeightLayout(
+    ...     shapes=((4, 3), (3,), (3, 2)),
+    ...     groups=((0, 1), (2,)),
+    ...     names=("hidden", "output"),
+    ... )
+    >>> layout.num_layers, layout.output_layer, layout.num_weights
+    (2, 1, 21)
+    >>> layout.layer_of()
+    [0, 0, 1]
     """
 
     shapes: tuple[tuple[int, ...], ...]
@@ -79,6 +92,17 @@ def weight_layout(
 
     Returns:
         A `WeightLayout`.
+
+    Example:
+
+    >>> import keras, keras_seht
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+    ...                           keras.layers.Dense(2)])
+    >>> layout = keras_seht.weight_layout(model)
+    >>> layout.shapes
+    ((4, 3), (3,), (3, 2), (2,))
+    >>> layout.groups  # kernel and bias of each Dense layer
+    ((0, 1), (2, 3))
     """
     if isinstance(model_or_variables, keras.Model):
         variables = list(model_or_variables.trainable_variables)

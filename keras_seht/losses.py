@@ -5,6 +5,17 @@ its sparse (integer-label) counterpart has no ``label_smoothing``; the
 label-smoothing baseline of the paper's tables (CIFAR-10/100 with integer
 labels, WikiText-2 with integer token targets) needs exactly that.
 
+Example:
+
+>>> import keras, keras_seht, numpy as np
+>>> sparse = keras_seht.losses.SparseCategoricalCrossentropy(
+...     label_smoothing=0.1)
+>>> dense = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)
+>>> y = np.array([0, 2])
+>>> p = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+>>> bool(np.isclose(float(sparse(y, p)), float(dense(np.eye(3)[y], p))))
+True
+
 References:
     Christian Szegedy, Vincent Vanhoucke, Sergey Ioffe, Jon Shlens, Zbigniew
     Wojna. "Rethinking the Inception Architecture for Computer Vision."

@@ -13,6 +13,16 @@ the exponential of the token-mean negative log-likelihood (NLL, the sparse
 categorical cross-entropy in nats). The classic PyTorch
 ``word_language_model`` recipe reports exactly this: ``exp`` of the
 token-weighted mean loss over a whole split.
+
+Example:
+
+>>> import keras_seht
+>>> ppl = keras_seht.metrics.Perplexity(from_logits=True)
+>>> ppl.update_state([0, 1], [[0.0, 0.0], [0.0, 0.0]])  # uniform over 2
+>>> round(float(ppl.result()), 4)
+2.0
+>>> round(keras_seht.metrics.perplexity_from_loss(0.0), 4)  # certain
+1.0
 """
 
 from __future__ import annotations

@@ -13,11 +13,14 @@ minimizes L + 0.001 * t + 0.01 * ||J||_F^2 (each at its own strength).
 Example:
 
 >>> from keras_seht import regularizers
->>> regularizers.get("seht_d")
-SEHTD(max_iter=1, strength=0.001, p=0.01, layer_p=None, \
-include_output_layer=True, unbiased=False)
->>> regularizers.get({"class_name": "seht_h", "config": {"max_iter": 5}})
-SEHTH(max_iter=5, strength=0.001)
+>>> est = regularizers.get("seht_d")
+>>> type(est).__name__, est.p, est.strength
+('SEHTD', 0.01, 0.001)
+>>> est = regularizers.get({"class_name": "seht_h", "config": {"max_iter": 5}})
+>>> type(est).__name__, est.max_iter
+('SEHTH', 5)
+>>> [type(p).__name__ for p in regularizers.get(["seht_d", "jacobian"])]
+['SEHTD', 'Jacobian']
 """
 
 from __future__ import annotations
@@ -75,7 +78,15 @@ def _known_names() -> str:
 def serialize(
     penalty: Penalty | Sequence[Penalty],
 ) -> dict[str, Any] | list[dict[str, Any]]:
-    """Returns the Keras config dict of a penalty (a list for a list)."""
+    """Returns the Keras config dict of a penalty (a list for a list).
+
+    Example:
+
+    >>> from keras_seht import regularizers
+    >>> config = regularizers.serialize(regularizers.SEHTD(p=0.05))
+    >>> config["class_name"], config["config"]["p"]
+    ('SEHTD', 0.05)
+    """
     if isinstance(penalty, (list, tuple)):
         return [keras.saving.serialize_keras_object(p) for p in penalty]
     return keras.saving.serialize_keras_object(penalty)
@@ -90,6 +101,15 @@ def deserialize(
     Accepts the Keras form ``{"class_name": ..., "config": {...}}`` (any
     registered name or alias as ``class_name``) and the flat form
     ``{"class_name": "seht_d", "p": 0.05}``.
+
+    Example:
+
+    >>> from keras_seht import regularizers
+    >>> est = regularizers.SEHTH(max_iter=5)
+    >>> regularizers.deserialize(regularizers.serialize(est)) == est
+    True
+    >>> regularizers.deserialize({"class_name": "seht_d", "p": 0.05}).p
+    0.05
     """
     if isinstance(config, dict) and "config" not in config:
         config = dict(config)

@@ -392,7 +392,8 @@ def hessian_top_eigenvalue(
 
     Args:
         model: A compiled Keras model.
-        x, y: One batch (array-likes or tensors).
+        x: The batch's inputs (array-likes or tensors).
+        y: Its targets.
         iters: Maximum number of power iterations (integer >= 1).
         seed: Seed of the start vector (integer >= 0, or None).
         sample_weight: Optional per-sample loss weights.
@@ -444,7 +445,8 @@ def hessian_trace_hutchpp(
 
     Args:
         model: A compiled Keras model.
-        x, y: One batch (array-likes or tensors).
+        x: The batch's inputs (array-likes or tensors).
+        y: Its targets.
         samples: Number of Hessian-vector products (integer >= 1).
         seed: Seed of the probes (integer >= 0, or None).
         sample_weight: Optional per-sample loss weights.

@@ -95,7 +95,8 @@ class HessianReinit(keras.callbacks.Callback):
     with ReLU, ``k=10`` worked well, 20 worse, 30 was unstable.
 
     Args:
-        x, y: Data to draw the Hessian's batch from (array-likes).
+        x: Inputs to draw the Hessian's batch from (array-likes).
+        y: Their targets.
         k: Percentage of weights (or units) re-initialized per layer, in
             (0, 100).
         n_layers: How many of the last weight-bearing layers to treat.

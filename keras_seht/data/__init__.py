@@ -11,6 +11,15 @@ importing ``keras_seht`` never pulls them in.
   folder (or the `datasets` library) and its BPTT batches;
 - `ArrayDataset` (`keras_seht.data.pipeline`): reproducible shuffled,
   augmented batches for any backend.
+
+Example:
+
+>>> from keras_seht.data import ArrayDataset, load_digits
+>>> (x_train, y_train), (x_test, y_test) = load_digits(flatten=True)
+>>> batches = ArrayDataset(x_train, y_train, batch_size=64, seed=0)
+>>> x, y = batches[0]
+>>> x.shape, y.shape, len(batches)
+((64, 64), (64,), 22)
 """
 
 from keras_seht.data.digits import load_digits
