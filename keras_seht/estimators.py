@@ -154,6 +154,15 @@ class CurvatureEstimator(Penalty):
             ``"antithetic"`` (Hessian only; see above).
         epsilon: The step of ``method="finite_difference"`` (default
             ``1e-2``); must be None for the other methods.
+
+    Example:
+
+    >>> exact = SEHTH(strength=1e-3)
+    >>> exact.method, exact.needs_double_backward
+    ('exact', True)
+    >>> smooth = SEHTH(strength=0.02, method="antithetic")
+    >>> round(smooth.step_epsilon, 6), smooth.needs_double_backward
+    (0.2, False)
     """
 
     log_name = "seht_trace"

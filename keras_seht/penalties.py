@@ -51,6 +51,14 @@ class Penalty:
 
     Args:
         strength: Multiplier of the penalty in the loss (>= 0).
+
+    Example:
+
+    >>> from keras_seht import SEHTD
+    >>> [isinstance(p, Penalty) for p in (SEHTD(), GradientNorm())]
+    [True, True]
+    >>> GradientNorm(strength=0.1).get_config()["strength"]
+    0.1
     """
 
     #: The key under which the train step logs the penalty's value R.
