@@ -2,6 +2,13 @@
 
 The suite runs under whichever backend KERAS_BACKEND names (torch by
 default); the README's test command runs it once per backend.
+
+Tests marked ``single_backend`` check backend-independent logic (the
+example scripts, the report, the command line, the data loaders): the
+default run (``-m "not slow"``) runs them under one backend only,
+``SINGLE_BACKEND`` (torch; set KERAS_SEHT_SINGLE_BACKEND to change it),
+and counts them as ``slow`` under the others, so ``make test-all`` still
+runs them everywhere.
 """
 
 from __future__ import annotations
@@ -17,14 +24,33 @@ import pytest  # noqa: E402
 import keras_seht  # noqa: E402
 from keras_seht.estimators import CurvatureEstimator  # noqa: E402
 
+#: The backend whose default run includes the `single_backend` tests.
+SINGLE_BACKEND = os.environ.get("KERAS_SEHT_SINGLE_BACKEND", "torch")
+
 
 def pytest_report_header(config):
-    return f"keras backend: {keras.config.backend()}, keras {keras.__version__}"
+    return (
+        f"keras backend: {keras.config.backend()}, keras {keras.__version__}"
+        f"; single_backend tests run under {SINGLE_BACKEND}"
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    if keras.config.backend() == SINGLE_BACKEND:
+        return
+    for item in items:
+        if item.get_closest_marker("single_backend"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
-    keras.backend.clear_session()
+    # free_memory=False: no gc.collect() per test, which costs 0.5-1 s
+    # each (hundreds of thousands of objects once TensorFlow, torch and
+    # matplotlib are loaded), a third of the suite's time; Python's own
+    # collector still frees cyclic garbage as it builds up.
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(1234)
     yield
     keras.config.set_dtype_policy("float32")

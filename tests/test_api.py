@@ -357,7 +357,19 @@ def _check_round_trip(model, path, x, y):
     return loaded
 
 
-@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "sequential",
+        # The other model types differ in their (backend-independent)
+        # configs only; "sequential" runs the loaded model's SEHT step on
+        # every backend (single_backend: see conftest).
+        *(
+            pytest.param(kind, marks=pytest.mark.single_backend)
+            for kind in list(BUILDERS)[1:]
+        ),
+    ],
+)
 def test_save_load_round_trip(kind, tmp_path):
     x, y = make_data(n=16)
     model = BUILDERS[kind]()

@@ -271,6 +271,7 @@ class TestWideResNet:
         no_dropout = shapes_only(wide_resnet, depth=10, width=1)
         assert not layers_of(no_dropout, keras.layers.Dropout)
 
+    @slow_on(JAX_SLOW)  # as for the ResNet: a forward pass compiles
     def test_output_shape(self):
         model = wide_resnet(
             depth=10, width=1, dropout=0.2, num_classes=5, input_shape=(8, 8, 3)
@@ -564,28 +565,37 @@ def test_docstring_examples():
         assert result.failed == 0, module.__name__
 
 
-def test_dropblock_after_the_middle_stages():
+def _dropblocks(model):
     from keras_seht.layers import DropBlock2D
 
-    def dropblocks(model):
-        return [
-            (layer.name, layer.block_size, layer.keep_prob)
-            for layer in model.layers
-            if isinstance(layer, DropBlock2D)
-        ]
+    return [
+        (layer.name, layer.block_size, layer.keep_prob)
+        for layer in model.layers
+        if isinstance(layer, DropBlock2D)
+    ]
 
-    resnet = resnet18_cifar(width=4, dropblock=0.9, seed=0)
-    assert dropblocks(resnet) == [
+
+def test_dropblock_after_the_middle_stages():
+    resnet = shapes_only(resnet18_cifar, width=4, dropblock=0.9, seed=0)
+    assert _dropblocks(resnet) == [
         ("stage2_dropblock", 7, 0.9),
         ("stage3_dropblock", 7, 0.9),
     ]
-    wrn = wide_resnet(depth=10, width=1, dropblock=0.8, dropblock_size=3)
-    assert dropblocks(wrn) == [
+    wrn = shapes_only(
+        wide_resnet, depth=10, width=1, dropblock=0.8, dropblock_size=3
+    )
+    assert _dropblocks(wrn) == [
         ("group2_dropblock", 3, 0.8),
         ("group3_dropblock", 3, 0.8),
     ]
-    assert dropblocks(resnet18_cifar(width=4)) == []
-    # Inference is the identity: same logits as the model without them.
+    assert _dropblocks(shapes_only(resnet18_cifar, width=4)) == []
+
+
+@slow_on(JAX_SLOW)  # two ResNet forward passes: 15-30 s of XLA on JAX
+def test_dropblock_inference_is_the_identity():
+    # Same logits as the model without them.
+    resnet = resnet18_cifar(width=4, dropblock=0.9, seed=0)
+    assert _dropblocks(resnet)
     plain = resnet18_cifar(width=4, seed=0)
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3))
     np.testing.assert_allclose(

@@ -3,7 +3,8 @@ keras_seht``): help, version, dispatch to the demo, benchmark and report.
 
 Everything runs in-process except one ``python -m keras_seht --help``
 (about 10 s: it imports Keras and the backend). The real demo and
-benchmark runs are marked slow.
+benchmark runs are marked slow. The rest is backend-independent, so the
+default run tests it under one backend (``single_backend``, conftest).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import pytest
 import keras_seht
 from keras_seht import console
 from keras_seht.experiments import demo, report
+
+# Argument parsing and dispatch: one backend is enough (conftest).
+pytestmark = pytest.mark.single_backend
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ("demo", "bench", "report")

@@ -1,7 +1,11 @@
 """The demo (``python -m keras_seht.experiments.demo``) and the digits data.
 
 The demo runs in-process in ``--quick`` mode on the MLP only (seconds);
-the full command-line run over both models is marked slow.
+the full command-line run over both models is marked slow. The demo is
+glue over the train step that tests/test_training.py checks on every
+backend, so the default run tests it under one backend only
+(``single_backend``, conftest: 7 s on torch, 30-80 s on TensorFlow and
+JAX, which compile every run); ``make test-all`` runs it everywhere.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import pytest
 import keras_seht
 from keras_seht.data import load_digits
 from keras_seht.experiments import demo
+
+pytestmark = pytest.mark.single_backend
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METHODS = [

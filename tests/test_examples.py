@@ -2,6 +2,12 @@
 
 MNIST and CIFAR come from `tfds.testing.mock_data` (random images of the
 right shapes), WikiText-2 from a small corpus the test writes.
+
+The scripts are backend-neutral glue over pieces tested on every backend
+(runner, pipeline, applications, the train step), so the default run
+tests them under one backend only (``single_backend``, conftest: under
+JAX and TensorFlow each smoke run costs 0.5-1.5 min of compilation);
+``make test-all`` runs them everywhere.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import keras
 import pytest
 
 from keras_seht.experiments import runner
+
+pytestmark = pytest.mark.single_backend
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 
@@ -88,11 +96,9 @@ def test_mnist_missing_data_is_a_clear_error(tmp_path):
         example.main(["--smoke", "--data-dir", str(tmp_path), "--no-download"])
 
 
-# The CIFAR scripts (and the GRU variant of the WikiText-2 one) are
-# backend-neutral glue over pieces tested on every
-# backend (runner, pipeline, applications); their smoke runs cost 1-3 min
-# of JAX/XLA compilation per script, so they are slow (make test-all)
-# except under torch.
+# The CIFAR scripts (and the GRU variant of the WikiText-2 one) cost 1-3
+# min of JAX/XLA compilation per script: slow (make test-all) except
+# under torch, whichever backend runs the single_backend tests.
 _CIFAR_MARKS = [] if keras.config.backend() == "torch" else [pytest.mark.slow]
 
 

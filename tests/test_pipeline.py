@@ -12,6 +12,9 @@ from keras_seht.data.pipeline import (
     random_crop_flip,
 )
 
+# NumPy only: one backend is enough (conftest).
+pytestmark = pytest.mark.single_backend
+
 
 def _images(n=6, size=5, channels=2, seed=0):
     rng = np.random.default_rng(seed)

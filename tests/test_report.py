@@ -20,6 +20,9 @@ import pytest
 from keras_seht.experiments import report
 from keras_seht.experiments.report import ReportWarning
 
+# Pure Python over results.json files: one backend is enough (conftest).
+pytestmark = pytest.mark.single_backend
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CIFAR = "cifar10_resnet18"
 LSTM = "wikitext2_lstm"

@@ -89,8 +89,19 @@ def _run(output_dir, extra_callbacks=(), config=None):
     return model, results
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    model, results = _run(tmp_path / "straight")
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One uninterrupted run, shared by the tests that only read it or its
+    folder (each run costs a compilation of the step under JAX and
+    TensorFlow): (model, results, output folder)."""
+    keras.backend.clear_session(free_memory=False)
+    output_dir = tmp_path_factory.mktemp("straight")
+    model, results = _run(output_dir)
+    return model, results, output_dir
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, straight):
+    model, results, _ = straight
     assert results["complete"] and results["epochs_completed"] == EPOCHS
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "killed", [Interrupt(1)])
@@ -113,9 +124,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert not os.path.exists(tmp_path / "killed" / runner.CHECKPOINT_FILE)
 
 
-def test_results_file(tmp_path):
-    _, results = _run(tmp_path)
-    with open(tmp_path / runner.RESULTS_FILE) as f:
+def test_results_file(straight):
+    _, results, output_dir = straight
+    with open(output_dir / runner.RESULTS_FILE) as f:
         saved = json.load(f)
     assert saved == json.loads(json.dumps(results))
     assert saved["format"] == runner.RESULTS_FORMAT
@@ -130,17 +141,18 @@ def test_results_file(tmp_path):
     assert saved["wall_time_s"] >= sum(history["epoch_time_s"]) * 0.999
 
 
-def test_complete_run_is_not_trained_again(tmp_path, capsys):
-    _, first = _run(tmp_path)
-    _, second = _run(tmp_path, [Interrupt(0)])  # would raise if trained
+def test_complete_run_is_not_trained_again(straight, capsys):
+    _, first, output_dir = straight
+    capsys.readouterr()
+    _, second = _run(output_dir, [Interrupt(0)])  # would raise if trained
     assert second == json.loads(json.dumps(first))
     assert "already complete" in capsys.readouterr().out
 
 
-def test_other_config_is_refused(tmp_path):
-    _run(tmp_path)
+def test_other_config_is_refused(straight):
+    _, _, output_dir = straight
     with pytest.raises(ValueError, match="another configuration"):
-        _run(tmp_path, config={"epochs": EPOCHS, "lr": 0.5})
+        _run(output_dir, config={"epochs": EPOCHS, "lr": 0.5})
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):

@@ -6,7 +6,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from keras_seht.data import load_wikitext2
+
+# A NumPy script and a pure-Python loader: one backend (conftest).
+pytestmark = pytest.mark.single_backend
 
 SCRIPT = (
     pathlib.Path(__file__).resolve().parents[1]

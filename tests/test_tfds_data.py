@@ -17,6 +17,9 @@ from keras_seht.data import (
 )
 from keras_seht.data.tfds import NORMALIZATION
 
+# The loaders return NumPy arrays: one backend is enough (conftest).
+pytestmark = pytest.mark.single_backend
+
 
 def _mock(num_examples):
     import tensorflow_datasets as tfds

@@ -80,6 +80,9 @@ def check_tiny(corpus):
         assert split.tolist() == expected
 
 
+# Pure Python and NumPy: one backend is enough (conftest). The model
+# fit at the end runs on every backend.
+@pytest.mark.single_backend
 class TestLoadLocal:
     def test_ids_by_hand(self, tmp_path):
         folder = write_corpus(tmp_path / "wikitext-2")
@@ -117,6 +120,7 @@ class TestLoadLocal:
             Corpus.from_lines([], ["a"], ["a"])
 
 
+@pytest.mark.single_backend
 class TestErrors:
     def test_missing_folder(self, tmp_path):
         folder = tmp_path / "nowhere"
@@ -154,6 +158,7 @@ class TestErrors:
             load_wikitext2(source="local")
 
 
+@pytest.mark.single_backend
 class TestLoadDatasets:
     def test_same_ids_as_local(self, fake_datasets):
         corpus = load_wikitext2(source="datasets")
@@ -171,6 +176,7 @@ class TestLoadDatasets:
         assert len(fake_datasets) == 3
 
 
+@pytest.mark.single_backend
 class TestBatchify:
     def test_shape_and_streams(self):
         data = batchify(np.arange(11), 3)
@@ -189,6 +195,7 @@ class TestBatchify:
             batchify(np.arange(3), 4)
 
 
+@pytest.mark.single_backend
 class TestBPTTDataset:
     def test_windows(self):
         # 23 tokens, 2 streams of 11: 10 predictable positions per stream.
