@@ -3,7 +3,7 @@
 * Sparse probes: the step differentiates only the variables a probe
   touches (exact: the others add nothing to sigma^T H sigma). Checked on
   tanh and ReLU models and a Conv + BatchNorm model, with probes on the
-  output layer only, a hidden layer only, and none (t = 0 exactly).
+  output layer only, a hidden layer only, both, and none (t = 0 exactly).
 * The opt-in smoothed methods (``finite_difference``, ``antithetic``): the
   update is the exact gradient of L + strength * t_eps, and converges to
   the SEHT gradient as eps -> 0 on a smooth (tanh) model, at the O(eps^2)
@@ -72,13 +72,20 @@ def sgd_update(model, x, y):
     return [b - a for b, a in zip(before, numpy_weights(model))], logs
 
 
-@pytest.mark.skipif(
-    keras.config.backend() != "torch",
-    reason="the eager (torch) step's path; compiled steps use dense probes "
-    "(test_training checks them on these models)",
-)
+class LayeredFixedProbes(FixedProbes):
+    """`FixedProbes` that declares the output layer drawn at every step,
+    as SEHT-D does (a step may use that to skip the other layers)."""
+
+    def layer_probabilities(self, layout):
+        probs = [0.5] * layout.num_layers
+        probs[layout.output_layer] = 1.0
+        return probs
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("layers", [("output",), (0,), ()])
+@pytest.mark.parametrize(
+    "layers", [("output",), (0,), (0, "output"), ()], ids=str
+)
 def test_sparse_probe_update_is_exact(name, layers):
     build, data = MODELS[name]
     model = build()
@@ -87,7 +94,7 @@ def test_sparse_probe_update_is_exact(name, layers):
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=1.0),
         loss=LOSS,
-        seht=FixedProbes([probe]),
+        seht=LayeredFixedProbes([probe]),
     )
     loss, t, expected = reference.objective_gradient(
         model, x, y, probe, STRENGTH
