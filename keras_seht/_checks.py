@@ -46,3 +46,28 @@ def check_strength(strength: Any) -> float:
             f"{strength!r}"
         )
     return value
+
+
+def seed_generator(seed: Any) -> Any:
+    """A `keras.random.SeedGenerator` for a user's int seed (or None).
+
+    The int is first scrambled (SplitMix64's finalizer, to 31 bits): on
+    the torch backend ``SeedGenerator(s + 1)`` otherwise yields the stream
+    of ``SeedGenerator(s)`` shifted by one draw, so two calls with nearby
+    seeds would share all but a few probes. A generator or None is passed
+    through unchanged (None: the global Keras seed).
+    """
+    import keras
+
+    if seed is None or isinstance(seed, keras.random.SeedGenerator):
+        return keras.random.SeedGenerator(seed) if seed is None else seed
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(
+            "`seed` must be an integer, a keras.random.SeedGenerator or "
+            f"None. Received: seed={seed!r}"
+        )
+    mask = (1 << 64) - 1
+    z = (int(seed) + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return keras.random.SeedGenerator((z ^ (z >> 31)) >> 33)

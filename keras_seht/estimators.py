@@ -29,7 +29,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_seht._checks import check_choice, check_int
+from keras_seht._checks import check_choice, check_int, seed_generator
 from keras_seht.layout import WeightLayout
 from keras_seht.penalties import Penalty
 
@@ -263,7 +263,7 @@ class CurvatureEstimator(Penalty):
             A list of tensors with the shapes in ``layout.shapes``.
         """
         if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-            seed = keras.random.SeedGenerator(int(seed))
+            seed = seed_generator(int(seed))
 
         def uniform(shape: tuple[int, ...]) -> Any:
             return keras.random.uniform(shape, dtype="float32", seed=seed)
@@ -537,7 +537,7 @@ class SEHTD(CurvatureEstimator):
         `sample_probes`, a fraction of its random numbers.
         """
         if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-            seed = keras.random.SeedGenerator(int(seed))
+            seed = seed_generator(int(seed))
         probs = self.layer_probabilities(layout)
         u_layers = ops.convert_to_numpy(
             keras.random.uniform((layout.num_layers,), seed=seed)

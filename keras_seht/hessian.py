@@ -22,6 +22,7 @@ import numpy as np
 from keras_seht import backend as seht_backend
 from keras_seht import functional, regularizers
 from keras_seht._checks import check_choice, check_int
+from keras_seht._checks import seed_generator as seed_generator_for
 from keras_seht.estimators import CURVATURES, SEHTH, CurvatureEstimator
 from keras_seht.layout import weight_layout
 
@@ -138,7 +139,7 @@ def hessian_trace(
             .HessianVectorProduct(model, x, y, sample_weight, training)
             .quadratic_form
         )
-    seed_generator = keras.random.SeedGenerator(seed)
+    seed_generator = seed_generator_for(seed)
     dtype = model.trainable_variables[0].dtype
     progbar = keras.utils.Progbar(samples) if verbose else None
     draws = []
@@ -237,7 +238,7 @@ def hessian_diagonal(
     if method == "exact":
         return [keras.ops.convert_to_numpy(d) for d in hvp.diagonal()]
     samples = check_int("samples", samples)
-    seed_generator = keras.random.SeedGenerator(seed)
+    seed_generator = seed_generator_for(seed)
     dtype = model.trainable_variables[0].dtype
     total = [np.zeros(shape, "float64") for shape in layout.shapes]
     for _ in range(samples):

@@ -208,3 +208,23 @@ class TestLayout:
         # Output layer always drawn; others about half of the time.
         assert drawn_counts[-1] == 200
         assert np.all(np.abs(drawn_counts[:-1] / 200 - 0.5) < 0.15)
+
+
+def test_nearby_int_seeds_draw_independent_probes():
+    # Keras' torch backend seeds draw k of SeedGenerator(s) with s + k, so
+    # unscrambled, seed=1's first probe would be seed=0's second one:
+    # 2 * mean(seed=0, 2 samples) - mean(seed=0, 1 sample) would equal
+    # mean(seed=1, 1 sample).
+    model = compile_plain(tanh_mlp())
+    x, y = make_data()
+
+    def trace(samples, seed):
+        return keras_seht.hessian_trace(
+            model, x, y, SEHTH(), samples=samples, seed=seed
+        )
+
+    second_of_seed_0 = 2 * trace(2, 0) - trace(1, 0)
+    first_of_seed_1 = trace(1, 1)
+    assert abs(second_of_seed_0 - first_of_seed_1) > 1e-3 * abs(
+        first_of_seed_1
+    )
