@@ -225,6 +225,4 @@ def test_nearby_int_seeds_draw_independent_probes():
 
     second_of_seed_0 = 2 * trace(2, 0) - trace(1, 0)
     first_of_seed_1 = trace(1, 1)
-    assert abs(second_of_seed_0 - first_of_seed_1) > 1e-3 * abs(
-        first_of_seed_1
-    )
+    assert abs(second_of_seed_0 - first_of_seed_1) > 1e-3 * abs(first_of_seed_1)
