@@ -87,6 +87,11 @@ class LayeredFixedProbes(FixedProbes):
     "layers", [("output",), (0,), (0, "output"), ()], ids=str
 )
 def test_sparse_probe_update_is_exact(name, layers):
+    if keras.config.backend() != "torch" and layers != (0, "output"):
+        # The compiled steps take dense probes whatever layers they
+        # touch: one case per model covers them (and keeps JAX's
+        # compile time down).
+        pytest.skip("compiled step: dense probes, one case per model")
     build, data = MODELS[name]
     model = build()
     x, y = data(n=16)
