@@ -337,3 +337,53 @@ def test_data_parallel_matches_single_device():
         )
     for w_single, w_parallel in zip(single["weights"], parallel["weights"]):
         np.testing.assert_allclose(w_parallel, w_single, rtol=1e-4, atol=1e-6)
+
+
+class ClippedTanh(keras.layers.Layer):
+    """tanh with a custom (clipped) gradient: a custom_vjp under JAX."""
+
+    def call(self, x):
+        @keras.ops.custom_gradient
+        def clipped_tanh(x):
+            def grad(*args, upstream=None):
+                upstream = args[0] if upstream is None else upstream
+                return keras.ops.clip(upstream, -0.5, 0.5)
+
+            return keras.ops.tanh(x), grad
+
+        return clipped_tanh(x)
+
+
+def test_custom_gradient_layer_trains_forward_over_reverse():
+    # A custom_vjp has no forward mode: the step must detect it and take
+    # its Hessian-vector products forward-over-reverse (which uses the
+    # custom backward rule), the same products as `HessianVectorProduct`.
+    x, y = _data()
+    model = keras_seht.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3),
+            ClippedTanh(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    probe = [
+        np.random.default_rng(i).choice([-1.0, 1.0], size=v.shape)
+        for i, v in enumerate(model.trainable_variables)
+    ]
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=0.1),
+        loss="sparse_categorical_crossentropy",
+        seht=FixedProbes([probe], strength=STRENGTH),
+    )
+    hvp = seht_backend.get().HessianVectorProduct(model, x, y, training=True)
+    expected = hvp.quadratic_form([jnp.asarray(p, "float32") for p in probe])
+
+    logs = model.train_on_batch(x, y, return_dict=True)
+
+    assert logs["seht_trace"] == pytest.approx(expected, rel=1e-4)
+    assert logs["seht_skipped"] == 0.0
+    assert all(
+        np.isfinite(keras.ops.convert_to_numpy(v.value)).all()
+        for v in model.trainable_variables
+    )
