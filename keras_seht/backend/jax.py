@@ -328,7 +328,6 @@ def train_step(
     penalties = model.seht_penalties
     estimator = model.seht_estimator
     jacobian = next((p for p in penalties if isinstance(p, Jacobian)), None)
-    needs_gradient = any(p.needs_loss_gradient for p in penalties)
     gradient_norm = any(isinstance(p, GradientNorm) for p in penalties)
     smoothed = estimator is not None and estimator.method != "exact"
 
@@ -422,7 +421,7 @@ def train_step(
             scaled_t, (scaled_loss, (aux, first_order)) = gauss_newton_estimate(
                 base_fn, w, probes, output_loss
             )
-            if needs_gradient:  # GradientNorm
+            if gradient_norm:
                 grads = jax.grad(lambda v: base_fn(v)[0])(w)
         elif smoothed:
             # t_eps from the losses at w +- e sigma_k, run with the step's
@@ -430,7 +429,7 @@ def train_step(
             # dropped. Antithetic: the loss at w gets no gradient, so
             # L + strength t_eps differentiates as (L+ + L-) / 2 alone.
             scaled_loss, (aux, first_order) = base_fn(w)
-            if needs_gradient:  # GradientNorm
+            if gradient_norm:
                 grads = jax.grad(lambda v: base_fn(v)[0])(w)
             epsilon = estimator.step_epsilon
             count = estimator.max_iter  # probes: a leading probe axis
@@ -452,13 +451,13 @@ def train_step(
                 scaled_t, (scaled_loss, (aux, first_order)) = (
                     curvature_estimate(base_fn, w, probes)
                 )
-            else:
-                scaled_t, (scaled_loss, _, (aux, first_order)) = probe_estimate(
-                    base_fn, w, probes
+                if gradient_norm:
+                    grads = jax.grad(lambda v: base_fn(v)[0])(w)
+            else:  # the loss gradient comes with the HVPs
+                scaled_t, (scaled_loss, grads, (aux, first_order)) = (
+                    probe_estimate(base_fn, w, probes)
                 )
-            if gradient_norm:
-                grads = jax.grad(lambda v: base_fn(v)[0])(w)
-        elif needs_gradient:
+        elif gradient_norm:
             (scaled_loss, (aux, first_order)), grads = jax.value_and_grad(
                 base_fn, has_aux=True
             )(w)
@@ -469,7 +468,7 @@ def train_step(
             if penalty is estimator:
                 scaled_values.append(scaled_t)
             elif isinstance(penalty, GradientNorm):
-                assert grads is not None  # needs_gradient: computed above
+                assert grads is not None  # gradient_norm: computed above
                 scaled_values.append(_dot(grads, grads) / scale)
             elif j in first_order:
                 scaled_values.append(first_order[j])
