@@ -59,8 +59,10 @@ def seed_generator(seed: Any) -> Any:
     """
     import keras
 
-    if seed is None or isinstance(seed, keras.random.SeedGenerator):
-        return keras.random.SeedGenerator(seed) if seed is None else seed
+    if isinstance(seed, keras.random.SeedGenerator):
+        return seed
+    if seed is None:
+        return keras.random.SeedGenerator(None)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(
             "`seed` must be an integer, a keras.random.SeedGenerator or "

@@ -56,6 +56,13 @@ def _check_probability(name: str, value: Any, high: float) -> float:
     return prob
 
 
+def _generator(seed: Seed) -> Any:
+    """An int seed as a (scrambled) SeedGenerator; anything else as is."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return seed_generator(int(seed))
+    return seed
+
+
 def _split(flat: Any, shapes: Sequence[tuple[int, ...]]) -> list[Any]:
     """Cuts a 1-D array into consecutive pieces with the given shapes."""
     pieces, offset = [], 0
@@ -262,8 +269,7 @@ class CurvatureEstimator(Penalty):
         Returns:
             A list of tensors with the shapes in ``layout.shapes``.
         """
-        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-            seed = seed_generator(int(seed))
+        seed = _generator(seed)
 
         def uniform(shape: tuple[int, ...]) -> Any:
             return keras.random.uniform(shape, dtype="float32", seed=seed)
@@ -536,8 +542,7 @@ class SEHTD(CurvatureEstimator):
         others are None (a zero probe). Same distribution as
         `sample_probes`, a fraction of its random numbers.
         """
-        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-            seed = seed_generator(int(seed))
+        seed = _generator(seed)
         probs = self.layer_probabilities(layout)
         u_layers = ops.convert_to_numpy(
             keras.random.uniform((layout.num_layers,), seed=seed)
