@@ -72,16 +72,6 @@ def sgd_update(model, x, y):
     return [b - a for b, a in zip(before, numpy_weights(model))], logs
 
 
-class LayeredFixedProbes(FixedProbes):
-    """`FixedProbes` that declares the output layer drawn at every step,
-    as SEHT-D does (a step may use that to skip the other layers)."""
-
-    def layer_probabilities(self, layout):
-        probs = [0.5] * layout.num_layers
-        probs[layout.output_layer] = 1.0
-        return probs
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize(
     "layers", [("output",), (0,), (0, "output"), ()], ids=str
@@ -99,7 +89,7 @@ def test_sparse_probe_update_is_exact(name, layers):
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=1.0),
         loss=LOSS,
-        seht=LayeredFixedProbes([probe]),
+        seht=FixedProbes([probe]),
     )
     loss, t, expected = reference.objective_gradient(
         model, x, y, probe, STRENGTH
