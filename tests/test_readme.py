@@ -1,4 +1,5 @@
-"""The README stays true: its usage example runs as written."""
+"""The README stays true: its usage example runs as written, and the
+commands it (and the docs pages it sends readers to) names exist."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+DOCS = README.parent / "docs"
 
 
 def _python_blocks() -> list[str]:
@@ -55,14 +57,27 @@ def test_make_targets_named_in_readme_exist():
 
 
 def test_example_commands_in_readme_parse():
-    """Every `python examples/NAME.py ARGS` of the README is accepted by
-    that script's parser (the scripts run end to end in test_examples)."""
+    """Every `python examples/NAME.py ARGS` of the README and of
+    docs/papers.md is accepted by that script's parser (the scripts run
+    end to end in test_examples)."""
     import importlib.util
     import shlex
 
     commands = re.findall(
         r"python (examples/\w+\.py)([^`|\n]*)", README.read_text()
     )
+    paper_commands = re.findall(
+        r"python (examples/\w+\.py)([^`|\n]*)",
+        (DOCS / "papers.md").read_text(),
+    )
+    for found in (commands, paper_commands):
+        assert {path for path, _ in found} >= {
+            "examples/cifar10_resnet18.py",
+            "examples/cifar100_wrn.py",
+            "examples/wikitext2_rnn.py",
+            "examples/mnist_hessian_reinit.py",
+        }
+    commands += paper_commands
     assert {path for path, _ in commands} >= {
         "examples/cifar10_resnet18.py",
         "examples/cifar100_wrn.py",
@@ -78,11 +93,24 @@ def test_example_commands_in_readme_parse():
         module.make_parser().parse_args(shlex.split(args))
 
 
-def test_console_help_in_readme_is_current(capsys):
+def test_console_help_in_docs_is_current(capsys):
+    """The README names `keras-seht --help` and links to the docs page
+    that shows its output, which is the current output."""
     from keras_seht import console
 
+    assert "`keras-seht --help` ([docs](docs/index.md#command-line))" in (
+        README.read_text()
+    )
     block = re.search(
-        r"```text\n\$ keras-seht --help\n(.*?)```", README.read_text(), re.S
+        r"```text\n\$ keras-seht --help\n(.*?)```",
+        (DOCS / "index.md").read_text(),
+        re.S,
     ).group(1)
     assert console.main(["--help"]) == 0
     assert capsys.readouterr().out == block
+
+
+def test_readme_links_resolve():
+    """Every relative link of the README names a file that exists."""
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", README.read_text()):
+        assert (README.parent / target).is_file(), target

@@ -64,7 +64,15 @@ import numpy as np
 
 from keras_seht._io import atomic_write, save_figure
 
-#: The ``format`` value of the files this module reads.
+#: The ``format`` value of the ``results.json`` files that
+#: `keras_seht.experiments.runner` writes and this module reads. Their keys:
+#: ``format``, ``experiment``, ``method``, ``seed``, ``config`` (the run's
+#: arguments), ``history`` (Keras-style dict of per-epoch lists, with
+#: ``epoch_time_s`` and ``learning_rate``), ``epochs_completed``,
+#: ``complete``, ``diverged``, ``wall_time_s`` (training time summed over
+#: sessions), ``versions`` and ``final`` (the metrics of the runner's
+#: ``run_training``'s ``evaluate``). Defined here, where keras is never
+#: imported, and imported by the runner.
 RESULTS_FORMAT = "keras-seht-results/1"
 #: The name of a run's results file.
 RESULTS_FILE = "results.json"

@@ -19,9 +19,9 @@ epoch is a function of the epoch and the history, so a resumed run ends
 with the same weights and history as an uninterrupted one.
 
 When the last epoch is done it evaluates the model, writes the final
-``results.json`` (``"complete": true``; the schema is in
-`RESULTS_FORMAT`'s docstring below) and deletes the checkpoint. A
-complete run is not trained again.
+``results.json`` (``"complete": true``; the schema is in the comment on
+`keras_seht.experiments.report.RESULTS_FORMAT`, which this module imports)
+and deletes the checkpoint. A complete run is not trained again.
 """
 
 from __future__ import annotations
@@ -38,16 +38,9 @@ import keras
 import numpy as np
 
 from keras_seht._io import write_json, write_npz
+from keras_seht.experiments.report import RESULTS_FILE, RESULTS_FORMAT
 from keras_seht.version import __version__
 
-#: ``results.json``'s ``format``. Its keys: ``format``, ``experiment``,
-#: ``method``, ``seed``, ``config`` (the run's arguments), ``history``
-#: (Keras-style dict of per-epoch lists, with ``epoch_time_s`` and
-#: ``learning_rate``), ``epochs_completed``, ``complete``, ``diverged``,
-#: ``wall_time_s`` (training time summed over sessions), ``versions`` and
-#: ``final`` (the metrics of `run_training`'s ``evaluate``).
-RESULTS_FORMAT = "keras-seht-results/1"
-RESULTS_FILE = "results.json"
 CHECKPOINT_FILE = "checkpoint.npz"
 #: Config keys that may change between a run and its resumption.
 RESUMABLE_KEYS = ("epochs", "verbose", "output_dir", "data_dir", "no_download")
