@@ -26,7 +26,8 @@ DOCTEST_BACKEND ?= torch
 # unquoted, the shell reads `>=2.16` as a redirection to a file `=2.16`.
 DEV_PINS := torch==2.13.0 'tensorflow-cpu>=2.16'
 
-.PHONY: venv demo test test-all lint doctest docs wheel-check format clean
+.PHONY: venv demo test test-all lint doctest docs wheel-check keras-suite \
+	format clean
 
 venv: $(VENV)/.installed
 
@@ -64,7 +65,14 @@ docs: venv
 wheel-check: venv
 	BIN=$(BIN) BACKENDS="$(BACKENDS)" bash scripts/wheel_check.sh
 
-test: lint doctest docs wheel-check
+# Keras' own model_test.py and sequential_test.py (from the installed
+# keras) with keras_seht.Model / Sequential swapped in, compared with plain
+# Keras: a test that passes only for plain Keras fails (about a minute).
+keras-suite: venv
+	KERAS_BACKEND=torch OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
+		$(BIN)/python scripts/keras_suite.py
+
+test: lint doctest docs wheel-check keras-suite
 	BIN=$(BIN) BACKENDS="$(BACKENDS)" JOBS=$(TEST_JOBS) \
 		bash scripts/test_backends.sh $(PYTEST_ARGS)
 

@@ -25,6 +25,7 @@ REQUIRED_MODEL_ATTRIBUTES = (
     "_call_has_training_arg",
     "_compute_loss",
     "_loss_tracker",
+    "_tracker",
 )
 
 
@@ -94,6 +95,26 @@ def optimizer_slots(optimizer: Any) -> dict[str, list[Any]]:
             and tuple(v.shape) == tuple(reference.shape)
         ]
     return slots
+
+
+@contextlib.contextmanager
+def unlocked_state(layer: keras.layers.Layer) -> Iterator[None]:
+    """Lets a built layer or model take new state (a ``SeedGenerator``).
+
+    Keras locks the state tracker of a built subclassed layer or model
+    (``Layer._lock_state``; Functional and Sequential models stay
+    unlocked), after which a new variable attribute raises ``ValueError``.
+    Keras itself unlocks it around ``quantize`` and
+    ``Layer._untrack_variable``; the lock is restored on exit.
+    """
+    tracker = layer._tracker
+    locked = tracker.locked
+    tracker.unlock()
+    try:
+        yield
+    finally:
+        if locked:
+            tracker.lock()  # keeps Keras' message for later violations
 
 
 def loss_tracker(model: keras.Model) -> keras.metrics.Metric:

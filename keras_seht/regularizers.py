@@ -102,6 +102,11 @@ def deserialize(
     registered name or alias as ``class_name``) and the flat form
     ``{"class_name": "seht_d", "p": 0.05}``.
 
+    Raises:
+        ValueError: naming `seht`, when `config` does not describe a
+            penalty (an unknown or tampered name, a registered object of
+            another kind, arguments the class does not take).
+
     Example:
 
     >>> from keras_seht import regularizers
@@ -121,23 +126,37 @@ def deserialize(
         config = {"class_name": config.pop("class_name"), "config": config}
     if isinstance(config, dict):
         name = config.get("class_name")
+        if not isinstance(name, str):
+            raise ValueError(
+                "The 'class_name' of a `seht` config dict must be a string "
+                f"(one of {_known_names()}). Received: seht={config!r}"
+            )
         if (
-            isinstance(name, str)
-            and name not in ALL_OBJECTS_DICT
+            name not in ALL_OBJECTS_DICT
             and "registered_name" not in config
             and not (custom_objects and name in custom_objects)
         ):
             raise ValueError(_unknown(name))
     try:
-        return keras.saving.deserialize_keras_object(
+        penalty = keras.saving.deserialize_keras_object(
             config,
             module_objects=ALL_OBJECTS_DICT,
             custom_objects=custom_objects,
         )
-    except TypeError as e:
+    except (TypeError, ImportError, AttributeError, KeyError) as e:
         raise ValueError(
             f"Could not build a `seht` penalty from {config!r}: {e}"
         ) from e
+    # Keras hands back what it cannot resolve (an unregistered name comes
+    # back as the string itself) or any other registered object.
+    if not isinstance(penalty, Penalty):
+        raise ValueError(
+            f"Could not build a `seht` penalty from {config!r}: it gave "
+            f"{penalty!r}, not a penalty. Allowed names: {_known_names()} "
+            f"(or a class name: {_class_names()}, or a `Penalty` subclass "
+            "registered with `keras.saving.register_keras_serializable`)."
+        )
+    return penalty
 
 
 def _class_names() -> str:
