@@ -1,5 +1,4 @@
-"""Stability of the SEHT-H curvature penalty: Hessian vs Gauss-Newton vs
-clipped.
+"""Stability of the SEHT-H curvature penalty: Hessian, Gauss-Newton, clipped.
 
 What it measures. Three small models (each under 5k weights, so exact
 Hessian traces are affordable) are trained on scikit-learn's digits (the
@@ -174,6 +173,7 @@ def _positive_int(value: str) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The command-line parser of the benchmark."""
     parser = argparse.ArgumentParser(
         prog="python benchmarks/curvature_stability.py",
         description=__doc__.split("\n\n")[0].replace("\n", " "),
@@ -220,6 +220,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def make_estimator(method: str, strength: float | None) -> Any:
+    """The SEHT-H estimator of `method` at `strength`, None for the baseline."""
     if method == "baseline":
         return None
     return keras_seht.SEHTH(
@@ -235,8 +236,10 @@ def _all_finite(model: keras.Model) -> bool:
 
 
 def warm_up(model_name: str, x: np.ndarray, y: np.ndarray) -> None:
-    """One untimed plain and one SEHT step, so that one-off backend set-up
-    costs are not charged to the first timed run."""
+    """Warm-up: one untimed plain and one SEHT step.
+
+    One-off backend set-up costs are then not charged to the first timed run.
+    """
     for estimator in (None, make_estimator("hessian", 1e-3)):
         keras.backend.clear_session()
         keras.utils.set_random_seed(0)
@@ -337,6 +340,7 @@ def run_one(
 def run_key(
     model: str, method: str, strength: float | None, seed: int
 ) -> tuple[str, str, float | None, int]:
+    """The key that identifies a run (no strength for the baseline)."""
     return (model, method, None if method == "baseline" else strength, seed)
 
 
@@ -382,6 +386,7 @@ def add_time_ratios(records: list[dict[str, Any]]) -> None:
 
 
 def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row of seed statistics per model, method and strength."""
     groups: dict[tuple[str, str, float | None], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["model"], r["method"], r["strength"]), []).append(
@@ -431,8 +436,10 @@ def _cell(
     scale: float = 1.0,
     se_fmt: str | None = None,
 ) -> str:
-    """``mean ± se`` (just the mean when all seeds agree or n = 1), with
-    ``(k/n)`` when only k of the n values were finite."""
+    """``mean ± se``, with ``(k/n)`` when only k of the n values were finite.
+
+    Just the mean when all seeds agree or n = 1.
+    """
     if stats is None:
         return "-"
     if stats["finite"] == 0:

@@ -1,4 +1,4 @@
-"""Relative error of the SEHT trace estimators vs the number of probes.
+r"""Relative error of the SEHT trace estimators vs the number of probes.
 
 What it measures. The demo's 64-32-32-10 tanh MLP (3,466 weights, three
 weight-bearing layers) is trained for ``--epochs`` epochs of plain Keras
@@ -28,7 +28,7 @@ seconds per probe, versions) to ``--output-dir`` (default
 ``docs/img/estimator_error.png``)::
 
     OMP_NUM_THREADS=1 python benchmarks/estimator_error.py
-    python benchmarks/estimator_error.py --smoke --output-dir /tmp/ee \\
+    python benchmarks/estimator_error.py --smoke --output-dir /tmp/ee \
         --figure /tmp/ee/estimator_error.png
 
 The Keras backend is whatever ``KERAS_BACKEND`` says (torch by default,
@@ -89,6 +89,7 @@ def _int_list(value: str) -> list[int]:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The command-line parser of the benchmark."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -173,6 +174,7 @@ def measure(
 def summarize(
     estimates: dict[int, list[float]], truth: float, expectation: float
 ) -> list[dict[str, float]]:
+    """One row of relative errors of the estimates per number of samples."""
     rows = []
     for n, values in estimates.items():
         v = np.asarray(values, "float64")
@@ -190,6 +192,7 @@ def summarize(
 
 
 def plot(results: dict[str, Any], path: pathlib.Path) -> None:
+    """Plots the relative errors against the number of samples into `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,6 +243,7 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark; writes and returns its results."""
     args = make_parser().parse_args(argv)
     if args.smoke:
         for key, value in SMOKE.items():

@@ -185,9 +185,11 @@ def _status_bytes(field: str) -> int:
 
 
 def _reset_peak_rss() -> None:
-    """Resets VmHWM to the current RSS (Linux >= 4.0), so the peak counts
-    only what follows. (``ru_maxrss`` cannot be reset, and survives the
-    exec of a child process from a large parent.)"""
+    """Resets VmHWM to the current RSS (Linux >= 4.0).
+
+    The peak then counts only what follows. (``ru_maxrss`` cannot be reset,
+    and survives the exec of a child process from a large parent.)
+    """
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -306,6 +308,7 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Runs the benchmark; returns its results (None in a child process)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--methods", default=",".join(METHODS))

@@ -27,6 +27,7 @@ from keras_seht.experiments import cifar, cli, recipes
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the Wide ResNet's arguments: depth, widening, dropout rate."""
     parser.add_argument(
         "--depth",
         type=cli.positive_int,
@@ -48,6 +49,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_model(args: argparse.Namespace, parts: set[str], seed: int):
+    """The Wide ResNet of a run, with the dropout or DropBlock of `parts`."""
     depth, widen = (10, 1) if args.smoke else (args.depth, args.widen)
     return wide_resnet(
         depth=depth,
@@ -80,10 +82,12 @@ RECIPE = cifar.CifarRecipe(
 
 
 def make_parser():
+    """The command-line parser of this example."""
     return cifar.make_parser(RECIPE)
 
 
 def main(argv=None):
+    """Runs the example with the arguments `argv`; returns the results."""
     return cifar.main(RECIPE, argv)
 
 

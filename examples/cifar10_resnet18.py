@@ -29,6 +29,7 @@ from keras_seht.experiments import cifar, cli, recipes
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ResNet-18's argument ``--width``."""
     parser.add_argument(
         "--width",
         type=cli.positive_int,
@@ -38,6 +39,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_model(args: argparse.Namespace, parts: set[str], seed: int):
+    """The ResNet-18 of a run, with DropBlock when the method's `parts` ask."""
     width = min(args.width, 8) if args.smoke else args.width
     return resnet18_cifar(
         num_classes=10,
@@ -66,10 +68,12 @@ RECIPE = cifar.CifarRecipe(
 
 
 def make_parser():
+    """The command-line parser of this example."""
     return cifar.make_parser(RECIPE)
 
 
 def main(argv=None):
+    """Runs the example with the arguments `argv`; returns the results."""
     return cifar.main(RECIPE, argv)
 
 

@@ -73,6 +73,7 @@ SMOKE = {
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The command-line parser of this example."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -158,6 +159,7 @@ def train_one(
     args: argparse.Namespace,
     data: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
 ) -> dict[str, Any]:
+    """Trains one model for `method` and `seed`; returns its results."""
     (x, y), (x_test, y_test) = data
     keras.backend.clear_session()
     model = build_model(args.hidden, seed)
@@ -228,6 +230,7 @@ def train_one(
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Runs every method and seed; returns their results."""
     args = make_parser().parse_args(argv)
     limits: dict[str, Any] = {"train_limit": None, "test_limit": None}
     if args.smoke:

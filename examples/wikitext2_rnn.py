@@ -1,5 +1,6 @@
-"""WikiText-2, 2-layer LSTM or GRU language model: the SEHT paper's
-third table (test perplexity: LSTM 95.65 -> 94.86, GRU 111.64 -> 109.03).
+"""WikiText-2, 2-layer LSTM or GRU language model: the SEHT paper's Table 3.
+
+Test perplexity: LSTM 95.65 -> 94.86, GRU 111.64 -> 109.03.
 
     python examples/wikitext2_rnn.py --cell lstm --data-dir DIR
     python examples/wikitext2_rnn.py --cell gru --methods baseline,seht-h

@@ -1,5 +1,7 @@
-"""``python -m keras_seht``: the ``keras-seht`` command (see
-`keras_seht.console`)."""
+"""``python -m keras_seht``: the ``keras-seht`` command.
+
+See `keras_seht.console`.
+"""
 
 import sys
 

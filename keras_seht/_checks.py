@@ -1,5 +1,8 @@
-"""Argument checks shared by the package: each raises a ValueError that
-names the argument, its allowed values and what was received."""
+"""Argument checks shared by the package.
+
+Each raises a ValueError that names the argument, its allowed values and
+what was received.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +43,11 @@ def check_strength(strength: Any) -> float:
         value = float(strength)
     except (TypeError, ValueError):
         value = float("nan")
-    if isinstance(strength, bool) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(strength, (bool, str, bytes))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(
             "`strength` must be a finite number >= 0. Received: strength="
             f"{strength!r}"
@@ -73,3 +80,46 @@ def seed_generator(seed: Any) -> Any:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
     return keras.random.SeedGenerator((z ^ (z >> 31)) >> 33)
+
+
+def check_bool(name: str, value: Any, allow_none: bool = False) -> Any:
+    """`value` as a bool (a NumPy bool too; None if `allow_none`)."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        allowed = "True, False or None" if allow_none else "a bool"
+        raise ValueError(
+            f"`{name}` must be {allowed}. Received: {name}={value!r}"
+        )
+    return bool(value)
+
+
+def check_probability(name: str, value: Any, high: float = 1.0) -> float:
+    """`value` as a float in the interval (0, `high`] (bools refused)."""
+    try:
+        prob = float("nan") if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        prob = float("nan")
+    if not (0.0 < prob <= high):
+        raise ValueError(
+            f"`{name}` must be in the interval (0, {high:g}]. Received: "
+            f"{name}={value!r}"
+        )
+    return prob
+
+
+def check_positive(name: str, value: Any) -> float:
+    """`value` as a finite float > 0 (bools and strings refused)."""
+    try:
+        number = (
+            float("nan")
+            if isinstance(value, (bool, str, bytes))
+            else float(value)
+        )
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(
+            f"`{name}` must be a finite float > 0. Received: {name}={value!r}"
+        )
+    return number

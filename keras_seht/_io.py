@@ -1,5 +1,7 @@
-"""Atomic file writes (and figures), shared by the demo, the plots and
-the benchmarks."""
+"""Atomic file writes (and figures).
+
+Shared by the demo, the plots and the benchmarks.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ from typing import Any, Callable
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Calls ``write(tmp)`` on a temporary file in the folder of `path`,
-    then renames it to `path`: readers never see a half-written file."""
+    """Calls ``write(tmp)`` on a temporary file, then renames it to `path`.
+
+    The temporary file is in the folder of `path`: readers never see a
+    half-written file.
+    """
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
     os.close(fd)
@@ -49,8 +54,10 @@ def write_json(path: str, payload: Any) -> None:
 
 
 def write_npz(path: str, *arrays: Any, **named: Any) -> None:
-    """Writes arrays with `numpy.savez` atomically (positional ones as
-    ``arr_0``, ``arr_1``, ...)."""
+    """Writes arrays with `numpy.savez` atomically.
+
+    Positional ones are saved as ``arr_0``, ``arr_1``, ...
+    """
     import numpy as np
 
     def write(tmp: str) -> None:

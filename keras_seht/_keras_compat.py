@@ -117,6 +117,19 @@ def unlocked_state(layer: keras.layers.Layer) -> Iterator[None]:
             tracker.lock()  # keeps Keras' message for later violations
 
 
+def optimizer_variable_count(optimizer: Any) -> int | None:
+    """How many trainable variables `optimizer` was built for.
+
+    None if it is not built yet.
+    """
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:  # LossScaleOptimizer
+        optimizer = inner
+    if not getattr(optimizer, "built", False):
+        return None
+    return len(getattr(optimizer, "_trainable_variables", []))
+
+
 def loss_tracker(model: keras.Model) -> keras.metrics.Metric:
     """The ``Mean`` metric that ``fit`` logs as ``loss``."""
     return model._loss_tracker
@@ -175,8 +188,10 @@ def is_functional_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 def init_functional(
     model: keras.Model, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
-    """What ``keras.Model.__init__`` does for functional arguments, minus the
-    rewrite of the class hierarchy (see ``keras_seht.model``)."""
+    """What ``keras.Model.__init__`` does for functional arguments.
+
+    Minus the rewrite of the class hierarchy (see ``keras_seht.model``).
+    """
     from keras.src.models import model as model_lib
 
     model_lib.Trainer.__init__(model)
@@ -184,8 +199,9 @@ def init_functional(
 
 
 def get_keras_mask(x: Any) -> Any:
-    """The Keras mask attached to tensor `x` (``mask_zero`` embeddings),
-    or None. Keras >= 3.6 keeps it outside the tensor on some backends
+    """The Keras mask of tensor `x` (``mask_zero`` embeddings), or None.
+
+    Keras >= 3.6 keeps it outside the tensor on some backends
     (``keras.src.backend.get_keras_mask``); older ones in ``_keras_mask``.
     """
     try:

@@ -79,8 +79,10 @@ def run_demo(prog: str, args: list[str]) -> int:
 
 
 def run_report(prog: str, args: list[str]) -> int:
-    """``keras-seht report RUNS_DIR ...``: the report's own exit status
-    (0: success, 1: nothing to report, 2: bad arguments)."""
+    """``keras-seht report RUNS_DIR ...``: the report's own exit status.
+
+    0: success, 1: nothing to report, 2: bad arguments.
+    """
     from keras_seht.experiments import report
 
     _renamed(report.make_parser(), prog).parse_args(args)
@@ -238,8 +240,11 @@ def _epilog(prog: str) -> str:
 
 
 def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    """The top-level parser (the subcommand and its ARGS are not parsed
-    here: `main` hands ARGS to the subcommand unchanged)."""
+    """The top-level parser.
+
+    The subcommand and its ARGS are not parsed here: `main` hands ARGS to
+    the subcommand unchanged.
+    """
     parser = argparse.ArgumentParser(
         prog=prog,
         usage="%(prog)s [-h] [--version] SUBCOMMAND [ARGS ...]",

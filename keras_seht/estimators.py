@@ -23,15 +23,25 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence, TypeAlias
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeAlias
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_seht._checks import check_choice, check_int, seed_generator
+from keras_seht._checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_positive,
+    check_probability,
+    seed_generator,
+)
 from keras_seht.layout import WeightLayout
 from keras_seht.penalties import Penalty
+
+if TYPE_CHECKING:
+    from keras_seht.context import DrawSpec, StepContext, StepPlan
 
 Seed: TypeAlias = int | keras.random.SeedGenerator | None
 
@@ -41,19 +51,6 @@ CURVATURES = ("hessian", "gauss_newton")
 METHODS = ("exact", "finite_difference", "antithetic")
 #: The default finite-difference step of ``method="finite_difference"``.
 DEFAULT_EPSILON = 1e-2
-
-
-def _check_probability(name: str, value: Any, high: float) -> float:
-    try:
-        prob = float(value)
-    except (TypeError, ValueError):
-        prob = float("nan")
-    if not (0.0 < prob <= high):
-        raise ValueError(
-            f"`{name}` must be in the interval (0, {high:g}]. Received: "
-            f"{name}={value!r}"
-        )
-    return prob
 
 
 def _generator(seed: Seed) -> Any:
@@ -76,16 +73,20 @@ def _split(flat: Any, shapes: Sequence[tuple[int, ...]]) -> list[Any]:
 class CurvatureEstimator(Penalty):
     r"""Base class of the SEHT estimators (penalties R = t).
 
-    A subclass defines `sample_probes` (one random probe per call) and
-    `layer_weights` (what the probe's expectation weighs each layer's
-    Hessian trace by). The train step does the autodiff; estimators are pure
-    descriptions of the random probe, serializable with `get_config` /
+    A subclass defines the probe distribution (`sample_probes`, one random
+    probe per call) and `layer_weights` (what the probe's expectation
+    weighs each layer's Hessian trace by). In the train step the estimator
+    draws its probes into the step's plan and reads its value from the
+    step context's quadratic form (`keras_seht.context`); the backends do
+    the autodiff. Estimators are serializable with `get_config` /
     `from_config` like any Keras object.
 
     Writing your own: subclass, validate arguments in ``__init__``, implement
-    ``sample_probes(layout, seed, dtype)`` returning one tensor per trainable
-    variable, return every constructor argument from ``get_config``, and
-    decorate the class with ``keras.saving.register_keras_serializable``.
+    ``sample_probes(layout, seed=None, dtype="float32", sparse=False)``
+    returning one tensor per trainable variable (dense tensors are always
+    correct; None marks a zero variable when ``sparse``), return every
+    constructor argument from ``get_config``, and decorate the class with
+    ``keras.saving.register_keras_serializable``.
 
     Curvature. With ``curvature="hessian"`` (the paper's) the quadratic
     form is that of the loss Hessian :math:`H = \nabla^2_w L`, which is
@@ -163,7 +164,6 @@ class CurvatureEstimator(Penalty):
             ``1e-2``); must be None for the other methods.
 
     Example:
-
     >>> exact = SEHTH(strength=1e-3)
     >>> exact.method, exact.needs_double_backward
     ('exact', True)
@@ -187,11 +187,7 @@ class CurvatureEstimator(Penalty):
         self.max_iter = check_int("max_iter", max_iter)
         check_choice("curvature", curvature, CURVATURES)
         check_choice("method", method, METHODS)
-        if not isinstance(clip_negative, (bool, np.bool_)):
-            raise ValueError(
-                "`clip_negative` must be a bool. Received: clip_negative="
-                f"{clip_negative!r}"
-            )
+        clip_negative = check_bool("clip_negative", clip_negative)
         if method != "exact" and curvature != "hessian":
             raise ValueError(
                 f"`method={method!r}` approximates the Hessian's quadratic "
@@ -217,18 +213,9 @@ class CurvatureEstimator(Penalty):
                 f"method={method!r}"
             )
         if epsilon is not None:
-            try:
-                value = float(epsilon)
-            except (TypeError, ValueError):
-                value = float("nan")
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(
-                    "`epsilon` must be a finite float > 0. Received: "
-                    f"epsilon={epsilon!r}"
-                )
-            epsilon = value
+            epsilon = check_positive("epsilon", epsilon)
         self.curvature = curvature
-        self.clip_negative = bool(clip_negative)
+        self.clip_negative = clip_negative
         self.method = method
         self.epsilon = epsilon
 
@@ -239,6 +226,7 @@ class CurvatureEstimator(Penalty):
 
     @property
     def needs_double_backward(self) -> bool:
+        """Whether the step differentiates through HVPs (the exact method)."""
         return self.method == "exact"
 
     @property
@@ -250,81 +238,111 @@ class CurvatureEstimator(Penalty):
             return DEFAULT_EPSILON if self.epsilon is None else self.epsilon
         raise ValueError("method='exact' has no finite-difference step.")
 
+    def plan(self, plan: StepPlan, spec: DrawSpec) -> None:
+        """Draws the step's ``max_iter`` probes into `plan`."""
+        probes = [
+            self.sample_probes(
+                spec.layout,
+                seed=spec.seed,
+                dtype=spec.dtype,
+                sparse=spec.sparse,
+            )
+            for _ in range(self.max_iter)
+        ]
+        smoothed = self.method != "exact"
+        plan.set_probes(
+            probes,
+            curvature=self.curvature,
+            epsilon=self.step_epsilon if smoothed else None,
+        )
+        if self.method == "antithetic":
+            plan.constant_loss = True
+        else:
+            plan.forward_graph = True
+
+    def __call__(self, context: StepContext) -> Any:
+        r"""The step's :math:`s\,t` (or :math:`s\,t_\epsilon`).
+
+        Exact: the context's quadratic form of the planned curvature.
+        Smoothed: the central difference of the context's perturbed
+        losses, :math:`t_\epsilon = (\bar f_\pm - 2 f(w)) / \epsilon^2`.
+        """
+        if self.method == "exact":
+            return context.quadratic_form()
+        pair = context.perturbed_loss()
+        loss = ops.cast(context.scaled_loss, pair.dtype)
+        return (pair - 2.0 * loss) / self.step_epsilon**2
+
     def objective_value(self, t: Any) -> Any:
         """What enters the loss: t, or max(t, 0) with ``clip_negative``."""
         return ops.maximum(t, 0.0) if self.clip_negative else t
 
     def sample_probes(
-        self, layout: WeightLayout, seed: Seed = None, dtype: str = "float32"
+        self,
+        layout: WeightLayout,
+        seed: Seed | np.random.Generator = None,
+        dtype: str = "float32",
+        sparse: bool = False,
     ) -> list[Any]:
         """Draws one probe vector sigma, one tensor per trainable variable.
+
+        The one sampling API of the estimators: the train step, the
+        diagnostics and the cross-backend checks all draw through it.
 
         Args:
             layout: The model's `WeightLayout` (`keras_seht.weight_layout`).
             seed: A `keras.random.SeedGenerator` (advanced by the draw), an
-                int (a fixed seed: the same int gives the same probe), or
-                None (the global Keras seed).
+                int (a fixed seed: the same int gives the same probe), None
+                (the global Keras seed), or a ``numpy.random.Generator``:
+                then the probe is drawn with NumPy and is the same on every
+                backend (float32 NumPy arrays, for cross-backend checks).
             dtype: Float dtype of the probe tensors.
+            sparse: Return None for the variables the probe leaves at zero
+                (the layers SEHT-D did not draw), reading the layer draw on
+                the host (one synchronization): for eager train steps, which
+                then leave those variables out of the autodiff, exactly,
+                since they add nothing to sigma^T H sigma. Same
+                distribution, a fraction of the random numbers.
 
         Returns:
-            A list of tensors with the shapes in ``layout.shapes``.
+            A list of tensors with the shapes in ``layout.shapes`` (None
+            entries only with ``sparse=True``).
         """
-        seed = _generator(seed)
+        if isinstance(seed, np.random.Generator):
+            rng = seed
 
-        def uniform(shape: tuple[int, ...]) -> Any:
-            return keras.random.uniform(shape, dtype="float32", seed=seed)
+            def uniform(shape: tuple[int, ...]) -> Any:
+                return rng.random(shape, dtype=np.float32)
 
-        return [ops.cast(p, dtype) for p in self._probes_from(layout, uniform)]
+            return [
+                None
+                if p is None
+                else np.asarray(ops.convert_to_numpy(p), "float32")
+                for p in self._probes_from(layout, uniform, sparse)
+            ]
+        generator = _generator(seed)
 
-    def draw_probes(self, layout: WeightLayout, seed: int) -> list[np.ndarray]:
-        """A probe drawn with NumPy from an int seed: the same on every backend.
-
-        `sample_probes` draws with ``keras.random``, whose streams differ
-        between backends; this draws the same distribution from
-        ``numpy.random.default_rng(seed)``, so that a given seed gives the
-        same sigma under torch, JAX and TensorFlow (for cross-backend
-        checks and reproducible diagnostics).
-
-        Returns:
-            A list of float32 arrays with the shapes in ``layout.shapes``.
-        """
-        rng = np.random.default_rng(seed)
-
-        def uniform(shape: tuple[int, ...]) -> np.ndarray:
-            return rng.random(shape, dtype=np.float32)
+        def keras_uniform(shape: tuple[int, ...]) -> Any:
+            return keras.random.uniform(shape, dtype="float32", seed=generator)
 
         return [
-            np.asarray(ops.convert_to_numpy(p), "float32")
-            for p in self._probes_from(layout, uniform)
+            None if p is None else ops.cast(p, dtype)
+            for p in self._probes_from(layout, keras_uniform, sparse)
         ]
 
-    def sample_sparse_probes(
-        self, layout: WeightLayout, seed: Seed = None, dtype: str = "float32"
-    ) -> list[Any | None]:
-        """A probe as `sample_probes`, with None for all-zero variables.
-
-        For eager train steps (PyTorch): the step then leaves those
-        variables out of the Hessian-vector product, which is exact since
-        they contribute nothing to sigma^T H sigma. The distribution is
-        that of `sample_probes` (the random stream differs). This default
-        draws a dense probe and checks each variable (one host
-        synchronization); `SEHTD` draws only the layers it selects.
-        """
-        probes = self.sample_probes(layout, seed=seed, dtype=dtype)
-        flags = ops.convert_to_numpy(
-            ops.stack([ops.any(ops.not_equal(p, 0)) for p in probes])
-        )
-        return [p if bool(f) else None for p, f in zip(probes, flags)]
-
     def _probes_from(
-        self, layout: WeightLayout, uniform: Callable[[tuple[int, ...]], Any]
+        self,
+        layout: WeightLayout,
+        uniform: Callable[[tuple[int, ...]], Any],
+        sparse: bool,
     ) -> list[Any]:
         """The probe as a function of a source of U[0, 1) float32 draws.
 
-        Subclasses implement either this (and get `sample_probes` and
-        `draw_probes` for free) or `sample_probes` itself. Draw few, large
-        arrays (`_split` cuts one draw into per-variable pieces): every
-        call is a kernel launch, and on eager backends a Python dispatch.
+        Subclasses implement this (and get `sample_probes` for free) or
+        `sample_probes` itself. Draw few, large arrays (`_split` cuts one
+        draw into per-variable pieces): every call is a kernel launch, and
+        on eager backends a Python dispatch. With `sparse`, entries that
+        are certainly zero may be None.
         """
         raise NotImplementedError(
             f"{type(self).__name__} must implement `sample_probes` or "
@@ -359,6 +377,7 @@ class CurvatureEstimator(Penalty):
         return total
 
     def get_config(self) -> dict[str, Any]:
+        """The estimator's constructor arguments, for Keras serialization."""
         return {
             "max_iter": self.max_iter,
             "strength": self.strength,
@@ -396,19 +415,22 @@ class SEHTH(CurvatureEstimator):
         epsilon: The step of ``method="finite_difference"``.
 
     Example:
-
     >>> est = SEHTH(max_iter=5, strength=1e-3)
     >>> SEHTH.from_config(est.get_config()) == est
     True
     """
 
     def _probes_from(
-        self, layout: WeightLayout, uniform: Callable[[tuple[int, ...]], Any]
+        self,
+        layout: WeightLayout,
+        uniform: Callable[[tuple[int, ...]], Any],
+        sparse: bool,
     ) -> list[Any]:
         u = uniform((sum(math.prod(s) for s in layout.shapes),))
         return _split(ops.where(u < 0.5, -1.0, 1.0), layout.shapes)
 
     def layer_weights(self, layout: WeightLayout) -> list[float]:
+        """The weight of each layer's trace: 1 for every layer."""
         return [1.0] * layout.num_layers
 
 
@@ -456,7 +478,6 @@ class SEHTD(CurvatureEstimator):
         epsilon: The step of ``method="finite_difference"``.
 
     Example:
-
     >>> est = SEHTD(p=0.05)
     >>> est.layer_p
     0.05
@@ -483,24 +504,17 @@ class SEHTD(CurvatureEstimator):
             method=method,
             epsilon=epsilon,
         )
-        self.p = _check_probability("p", p, 0.5)
+        self.p = check_probability("p", p, 0.5)
         self.layer_p = (
             self.p
             if layer_p is None
-            else _check_probability("layer_p", layer_p, 1.0)
+            else check_probability("layer_p", layer_p, 1.0)
         )
         self._layer_p_given = layer_p is not None
-        if not isinstance(include_output_layer, (bool, np.bool_)):
-            raise ValueError(
-                "`include_output_layer` must be a bool. Received: "
-                f"include_output_layer={include_output_layer!r}"
-            )
-        if not isinstance(unbiased, (bool, np.bool_)):
-            raise ValueError(
-                f"`unbiased` must be a bool. Received: unbiased={unbiased!r}"
-            )
-        self.include_output_layer = bool(include_output_layer)
-        self.unbiased = bool(unbiased)
+        self.include_output_layer = check_bool(
+            "include_output_layer", include_output_layer
+        )
+        self.unbiased = check_bool("unbiased", unbiased)
 
     def layer_probabilities(self, layout: WeightLayout) -> list[float]:
         """Probability pi_l that each layer is drawn."""
@@ -510,59 +524,40 @@ class SEHTD(CurvatureEstimator):
         return probs
 
     def layer_weights(self, layout: WeightLayout) -> list[float]:
+        """The weight of each layer's trace: 1 when unbiased, else pi_l * 2p."""
         if self.unbiased:
             return [1.0] * layout.num_layers
         return [pi * 2.0 * self.p for pi in self.layer_probabilities(layout)]
 
     def _probes_from(
-        self, layout: WeightLayout, uniform: Callable[[tuple[int, ...]], Any]
+        self,
+        layout: WeightLayout,
+        uniform: Callable[[tuple[int, ...]], Any],
+        sparse: bool,
     ) -> list[Any]:
-        # One draw decides the layers, one the entries of every variable.
+        # One draw decides the layers, one the entries of their variables
+        # (of every variable when dense: the layer draw then multiplies).
         probs = self.layer_probabilities(layout)
         u_layers = uniform((layout.num_layers,))
-        entries = _split(
-            self._entries(uniform((layout.num_weights,))), layout.shapes
-        )
-        probes: list[Any] = [None] * len(layout.shapes)
-        for layer, indices in enumerate(layout.groups):
-            pi = probs[layer]
-            drawn = ops.cast(u_layers[layer] < pi, "float32")
-            scale = self._scale(pi)
-            for i in indices:
-                probes[i] = entries[i] * (drawn * scale)
-        return probes
-
-    def sample_sparse_probes(
-        self, layout: WeightLayout, seed: Seed = None, dtype: str = "float32"
-    ) -> list[Any | None]:
-        """`sample_probes` for eager steps: entries of drawn layers only.
-
-        The layer draws are read on the host (one synchronization), then
-        one draw gives the entries of the drawn layers' variables; the
-        others are None (a zero probe). Same distribution as
-        `sample_probes`, a fraction of its random numbers.
-        """
-        seed = _generator(seed)
-        probs = self.layer_probabilities(layout)
-        u_layers = ops.convert_to_numpy(
-            keras.random.uniform((layout.num_layers,), seed=seed)
-        )
-        drawn = [
-            i
-            for layer, indices in enumerate(layout.groups)
-            if u_layers[layer] < probs[layer]
-            for i in indices
-        ]
-        probes: list[Any | None] = [None] * len(layout.shapes)
-        if not drawn:
-            return probes
-        shapes = [layout.shapes[i] for i in drawn]
-        size = sum(math.prod(s) for s in shapes)
-        u = keras.random.uniform((size,), seed=seed)
+        factors: dict[int, Any] = {}
+        if sparse:
+            u_host = np.asarray(ops.convert_to_numpy(u_layers))
+            for layer, pi in enumerate(probs):
+                if u_host[layer] < pi:
+                    factors[layer] = self._scale(pi)
+        else:
+            for layer, pi in enumerate(probs):
+                drawn = ops.cast(u_layers[layer] < pi, "float32")
+                factors[layer] = drawn * self._scale(pi)
         owner = layout.layer_of()
-        for i, entries in zip(drawn, _split(self._entries(u), shapes)):
-            scale = self._scale(probs[owner[i]])
-            probes[i] = ops.cast(entries * scale, dtype)
+        indices = [i for i in range(len(layout.shapes)) if owner[i] in factors]
+        probes: list[Any] = [None] * len(layout.shapes)
+        if not indices:
+            return probes
+        shapes = [layout.shapes[i] for i in indices]
+        u = uniform((sum(math.prod(s) for s in shapes),))
+        for i, entries in zip(indices, _split(self._entries(u), shapes)):
+            probes[i] = entries * factors[owner[i]]
         return probes
 
     def _entries(self, u: Any) -> Any:
@@ -576,6 +571,7 @@ class SEHTD(CurvatureEstimator):
         return 1.0 / math.sqrt(pi * 2.0 * self.p) if self.unbiased else 1.0
 
     def get_config(self) -> dict[str, Any]:
+        """The estimator's constructor arguments, for Keras serialization."""
         config = super().get_config()
         config.update(
             p=self.p,

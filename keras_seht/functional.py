@@ -44,7 +44,10 @@ def stateless_loss(
         model: A compiled, built Keras model.
         trainable_values: One tensor per ``model.trainable_variables``.
         non_trainable_values: One per ``model.non_trainable_variables``.
-        x, y, sample_weight: A batch, as backend tensors.
+        x: The batch's inputs, as backend tensors.
+        y: The batch's targets, as backend tensors.
+        sample_weight: The batch's sample weights (or None), as backend
+            tensors.
         training: Forward pass in training mode (BatchNorm batch statistics,
             Dropout active).
 
@@ -73,8 +76,10 @@ def scope_values(
     variables: Sequence[Any],
     values: Sequence[Any],
 ) -> list[Any]:
-    """The values of `variables` after `scope` ran: those it assigned, else
-    the values it started from."""
+    """The values of `variables` after `scope` ran.
+
+    Those it assigned, else the values it started from.
+    """
     updated = []
     for variable, value in zip(variables, values):
         new = scope.get_current_value(variable)
@@ -83,8 +88,10 @@ def scope_values(
 
 
 def shifted(values: Sequence[Any], probe: Sequence[Any], step: float) -> list:
-    """``w + step * sigma``, one tensor per variable; a None entry of
-    `probe` (a zero probe) leaves the value as it is."""
+    """``w + step * sigma``, one tensor per variable.
+
+    A None entry of `probe` (a zero probe) leaves the value as it is.
+    """
     return [
         v if s is None else v + ops.cast(s, v.dtype) * step
         for v, s in zip(values, probe)

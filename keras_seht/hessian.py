@@ -13,40 +13,31 @@ the training-mode loss that the train step regularizes.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import keras
 import numpy as np
 
-from keras_seht import backend as seht_backend
-from keras_seht import functional, regularizers
+from keras_seht import operators, regularizers, spectrum
 from keras_seht._checks import check_choice, check_int
 from keras_seht._checks import seed_generator as seed_generator_for
 from keras_seht.estimators import CURVATURES, SEHTH, CurvatureEstimator
 from keras_seht.layout import weight_layout
+from keras_seht.operators import (
+    GaussNewtonOperator,
+    HessianOperator,
+    check_dense_size,
+    check_exact_size,
+    prepare_batch,
+)
 
 #: Above this many trainable weights `exact_hessian_trace` refuses to run
 #: unless forced: it costs one Hessian row per weight.
-MAX_EXACT_WEIGHTS = 20_000
+MAX_EXACT_WEIGHTS = operators.MAX_EXACT_WEIGHTS
 
-
-def _prepare(model: keras.Model, x: Any, y: Any, sample_weight: Any):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"`model` must be a keras.Model. Received: {type(model).__name__}"
-        )
-    if not model.compiled:
-        raise ValueError(
-            "`model` must be compiled: the Hessian is that of the compiled "
-            "loss. Call `model.compile(loss=...)` first."
-        )
-    x, y, sample_weight = functional.as_tensors(x, y, sample_weight)
-    if not model.built:
-        model(x)
-    if not model.trainable_variables:
-        raise ValueError("`model` has no trainable weights.")
-    return x, y, sample_weight
+#: `gauss_newton_factors` refuses batches whose dense factors (output
+#: Jacobian and output Hessian) would hold more entries unless forced.
+MAX_JACOBIAN_ENTRIES = operators.MAX_DENSE_ENTRIES
 
 
 def hessian_trace(
@@ -65,12 +56,18 @@ def hessian_trace(
 
     Averages ``samples`` independent draws of the estimator's
     :math:`t = \frac{1}{K}\sum_{k=1}^{K} \sigma_k^\top H \sigma_k`
-    (``K = estimator.max_iter``) on the batch ``(x, y)``, re-using one
-    differentiable gradient for all Hessian-vector products. With an
-    estimator of ``curvature="gauss_newton"``, :math:`H` is the
-    Gauss-Newton matrix :math:`G = J^\top H_z J` (from the dense factors
-    of `gauss_newton_factors`), and the result estimates its trace
-    instead. ``clip_negative`` does not apply: this is the raw :math:`t`.
+    (``K = estimator.max_iter``) on the batch ``(x, y)``: the probes are
+    the estimator's (``estimator.sample_probes``), the quadratic forms
+    and the standard error those of `keras_seht.spectrum`
+    (`spectrum.quadratic_forms`, `spectrum.mean_and_std_error`) on
+    `keras_seht.operators.HessianOperator`, one Hessian-vector product
+    per probe. With an estimator of ``curvature="gauss_newton"``,
+    :math:`H` is the Gauss-Newton matrix :math:`G = J^\top H_z J`
+    (`keras_seht.operators.GaussNewtonOperator`: a Jacobian-vector
+    product, an output-space Hessian-vector product and a vector-Jacobian
+    product per probe, never a dense Jacobian), and the result estimates
+    its trace instead. ``clip_negative`` does not apply: this is the raw
+    :math:`t`.
     The result estimates ``estimator.expectation(...)``: the full trace
     for `SEHTH` and for ``SEHTD(unbiased=True)``, a weighted partial trace
     otherwise.
@@ -91,7 +88,6 @@ def hessian_trace(
         The mean estimate as a float, or ``(mean, standard_error)``.
 
     Example:
-
     One-hot inputs to a single sigmoid unit give a diagonal Hessian
     (:math:`\sum_i p_i(1 - p_i)\,x_i x_i^\top`), and on a diagonal
     Hessian every Rademacher probe is exact, :math:`\sigma^\top H \sigma
@@ -116,52 +112,29 @@ def hessian_trace(
             f"Received: estimator={estimator!r}"
         )
     samples = check_int("samples", samples)
-    x, y, sample_weight = _prepare(model, x, y, sample_weight)
+    curvature = (
+        GaussNewtonOperator
+        if estimator.curvature == "gauss_newton"
+        else HessianOperator
+    )
+    operator = curvature(model, x, y, sample_weight, training)
     layout = weight_layout(model)
-    if estimator.curvature == "gauss_newton":
-        jacobian, output_hessian = _gauss_newton_factors(
-            model, x, y, sample_weight, training
-        )
-
-        def quadratic_form(sigma: list[Any]) -> float:
-            flat = np.concatenate(
-                [
-                    np.ravel(keras.ops.convert_to_numpy(s)).astype("float64")
-                    for s in sigma
-                ]
-            )
-            u = jacobian @ flat
-            return float(u @ output_hessian @ u)
-
-    else:
-        quadratic_form = (
-            seht_backend.get()
-            .HessianVectorProduct(model, x, y, sample_weight, training)
-            .quadratic_form
-        )
     seed_generator = seed_generator_for(seed)
     dtype = model.trainable_variables[0].dtype
+
+    def probes() -> Any:
+        for _ in range(estimator.max_iter):
+            yield estimator.sample_probes(layout, seed_generator, dtype)
+
     progbar = keras.utils.Progbar(samples) if verbose else None
     draws = []
     for i in range(samples):
-        values = [
-            quadratic_form(
-                estimator.sample_probes(layout, seed_generator, dtype)
-            )
-            for _ in range(estimator.max_iter)
-        ]
+        values = spectrum.quadratic_forms(operator, operator.shapes, probes())
         draws.append(float(np.mean(values)))
         if progbar is not None:
             progbar.update(i + 1, [("trace", float(np.mean(draws)))])
-    mean = float(np.mean(draws))
-    if not return_std_error:
-        return mean
-    std_error = (
-        float(np.std(draws, ddof=1) / math.sqrt(samples))
-        if samples > 1
-        else float("inf")
-    )
-    return mean, std_error
+    mean, std_error = spectrum.mean_and_std_error(draws)
+    return (mean, std_error) if return_std_error else mean
 
 
 def hessian_diagonal(
@@ -199,7 +172,6 @@ def hessian_diagonal(
         NumPy arrays shaped and ordered like ``model.trainable_variables``.
 
     Example:
-
     For a linear model with the mean squared error,
     :math:`L = \frac{1}{N}\sum_n (w^\top x_n + b - y_n)^2`, the diagonal
     is :math:`\frac{2}{N}\sum_n x_{ni}^2` for the kernel and 2 for the
@@ -223,30 +195,22 @@ def hessian_diagonal(
             "`method` must be 'exact' or 'hutchinson'. Received: "
             f"method={method!r}"
         )
-    x, y, sample_weight = _prepare(model, x, y, sample_weight)
-    layout = weight_layout(model)
-    if method == "exact" and layout.num_weights > max_weights and not force:
-        raise ValueError(
-            f"The model has {layout.num_weights} trainable weights, more than "
-            f"`max_weights`={max_weights}: the exact Hessian diagonal costs "
-            "one Hessian-vector product per weight. Pass force=True to run it "
-            "anyway, or use method='hutchinson' / `hessian_trace`."
-        )
-    hvp = seht_backend.get().HessianVectorProduct(
-        model, x, y, sample_weight, training
-    )
+    x, y, sample_weight = prepare_batch(model, x, y, sample_weight)
     if method == "exact":
-        return [keras.ops.convert_to_numpy(d) for d in hvp.diagonal()]
+        check_exact_size(operators.num_weights(model), max_weights, force)
+    hessian = HessianOperator(model, x, y, sample_weight, training)
+    if method == "exact":
+        return hessian.diagonal()
     samples = check_int("samples", samples)
+    layout = weight_layout(model)
     seed_generator = seed_generator_for(seed)
     dtype = model.trainable_variables[0].dtype
-    total = [np.zeros(shape, "float64") for shape in layout.shapes]
-    for _ in range(samples):
-        sigma = SEHTH().sample_probes(layout, seed_generator, dtype)
-        h_sigma = hvp(sigma)
-        for i, (s, h) in enumerate(zip(sigma, h_sigma)):
-            total[i] += keras.ops.convert_to_numpy(s * h)
-    return [(t / samples).astype("float32") for t in total]
+    probes = (
+        SEHTH().sample_probes(layout, seed_generator, dtype)
+        for _ in range(samples)
+    )
+    diagonal = spectrum.hutchinson_diagonal(hessian, hessian.shapes, probes)
+    return [d.astype("float32") for d in diagonal]
 
 
 def exact_hessian_trace(
@@ -290,7 +254,6 @@ def exact_hessian_trace(
         The trace as a float.
 
     Example:
-
     A linear model with the mean squared error has the Hessian trace
     :math:`\frac{2}{N}\sum_n \lVert x_n\rVert^2 + 2` (kernel, bias), and
     its Hessian is its Gauss-Newton matrix:
@@ -334,20 +297,6 @@ def exact_hessian_trace(
     return float(sum(np.sum(d, dtype="float64") for d in diagonal))
 
 
-#: `gauss_newton_factors` refuses batches whose dense output Jacobian would
-#: exceed this many entries (outputs x weights) unless forced.
-MAX_JACOBIAN_ENTRIES = 50_000_000
-
-
-def _gauss_newton_factors(
-    model: keras.Model, x: Any, y: Any, sample_weight: Any, training: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    jacobian, output_hessian = seht_backend.get().gauss_newton_factors(
-        model, x, y, sample_weight, training
-    )
-    return jacobian, 0.5 * (output_hessian + output_hessian.T)
-
-
 def gauss_newton_factors(
     model: keras.Model,
     x: Any,
@@ -384,7 +333,6 @@ def gauss_newton_factors(
         ``(J, H_z)`` as float64 NumPy arrays.
 
     Example:
-
     Four samples through ``Dense(1)`` (3 kernel weights and a bias) give
     four outputs; the mean squared error has :math:`H_z = \frac{2}{N} I`:
 
@@ -402,21 +350,11 @@ def gauss_newton_factors(
     >>> bool(np.allclose(jacobian[:, :3], x))  # d(w.x + b)/dw = x
     True
     """
-    x, y, sample_weight = _prepare(model, x, y, sample_weight)
-    layout = weight_layout(model)
-    if not force:
-        if layout.num_weights > max_weights:
-            raise ValueError(
-                f"The model has {layout.num_weights} trainable weights, more "
-                f"than `max_weights`={max_weights}. Pass force=True to run "
-                "anyway."
-            )
-        outputs = keras.tree.flatten(model.compute_output_spec(x))
-        entries = sum(math.prod(o.shape) for o in outputs) * layout.num_weights
-        if entries > MAX_JACOBIAN_ENTRIES:
-            raise ValueError(
-                f"The dense output Jacobian would hold {entries} entries "
-                f"(more than {MAX_JACOBIAN_ENTRIES}); use a smaller batch or "
-                "pass force=True."
-            )
-    return _gauss_newton_factors(model, x, y, sample_weight, training)
+    x, y, sample_weight = prepare_batch(model, x, y, sample_weight)
+    check_dense_size(
+        operators.num_outputs(model, x),
+        operators.num_weights(model),
+        max_weights,
+        force,
+    )
+    return GaussNewtonOperator(model, x, y, sample_weight, training).factors()

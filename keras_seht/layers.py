@@ -12,7 +12,6 @@ the labels too, so it needs one-hot or soft labels, e.g.
 dropout is `keras.layers.Dropout`.
 
 Example:
-
 >>> import keras, keras_seht
 >>> model = keras.Sequential([
 ...     keras.Input((8, 8, 3)),
@@ -113,7 +112,6 @@ class Cutout(keras.layers.Layer):
         **kwargs: Standard `keras.layers.Layer` arguments (``name``, ...).
 
     Example:
-
     >>> import numpy as np
     >>> layer = Cutout(2, seed=0)
     >>> x = np.ones((1, 4, 4, 1), "float32")
@@ -143,11 +141,13 @@ class Cutout(keras.layers.Layer):
         self.supports_masking = True
 
     def build(self, input_shape: Any) -> None:
+        """Checks that ``size`` fits the input's height and width."""
         height, width = _spatial_shape(self, input_shape)
         _check_fits("size", self.size, height, width)
         self.built = True
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
+        """Zeroes one square per image in training; the identity otherwise."""
         if not training:
             return inputs
         if self.data_format == "channels_last":
@@ -175,9 +175,11 @@ class Cutout(keras.layers.Layer):
         return ops.logical_and(index >= start, index < start + self.size)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
+        """The input shape: the layer keeps it."""
         return input_shape
 
     def get_config(self) -> dict[str, Any]:
+        """The layer's config, for Keras serialization."""
         config = super().get_config()
         config.update(
             {
@@ -248,7 +250,6 @@ class DropBlock2D(keras.layers.Layer):
         **kwargs: Standard `keras.layers.Layer` arguments (``name``, ...).
 
     Example:
-
     >>> import numpy as np
     >>> layer = DropBlock2D(block_size=3, keep_prob=0.9, seed=0)
     >>> x = np.ones((2, 8, 8, 4), "float32")
@@ -293,6 +294,7 @@ class DropBlock2D(keras.layers.Layer):
         self.step: Any = None  # the warm-up counter variable, once built
 
     def build(self, input_shape: Any) -> None:
+        """Checks ``block_size`` against the input; adds the warm-up counter."""
         height, width = _spatial_shape(self, input_shape)
         _check_fits("block_size", self.block_size, height, width)
         if self.warmup_steps > 0:
@@ -317,6 +319,7 @@ class DropBlock2D(keras.layers.Layer):
         return 1.0 - (1.0 - self.keep_prob) * fraction
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
+        """Drops blocks of the feature maps in training; else the identity."""
         if not training or self.keep_prob == 1.0:
             return inputs
         keep_prob = self._current_keep_prob()
@@ -358,9 +361,11 @@ class DropBlock2D(keras.layers.Layer):
         return inputs * ops.cast(mask * scale, inputs.dtype)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
+        """The input shape: the layer keeps it."""
         return input_shape
 
     def get_config(self) -> dict[str, Any]:
+        """The layer's config, for Keras serialization."""
         config = super().get_config()
         config.update(
             {

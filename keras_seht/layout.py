@@ -28,7 +28,6 @@ class WeightLayout:
         names: A readable name for each group (the layer's path).
 
     Example:
-
     >>> from keras_seht import WeightLayout
     >>> layout = WeightLayout(
     ...     shapes=((4, 3), (3,), (3, 2)),
@@ -94,7 +93,6 @@ def weight_layout(
         A `WeightLayout`.
 
     Example:
-
     >>> import keras, keras_seht
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
     ...                           keras.layers.Dense(2)])

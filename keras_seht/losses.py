@@ -6,7 +6,6 @@ label-smoothing baseline of the paper's tables (CIFAR-10/100 with integer
 labels, WikiText-2 with integer token targets) needs exactly that.
 
 Example:
-
 >>> import keras, keras_seht, numpy as np
 >>> sparse = keras_seht.losses.SparseCategoricalCrossentropy(
 ...     label_smoothing=0.1)
@@ -109,7 +108,6 @@ class SparseCategoricalCrossentropy(keras.losses.Loss):
             ``keras.config.floatx()``), as in `keras.losses.Loss`.
 
     Example:
-
     >>> import numpy as np
     >>> loss = SparseCategoricalCrossentropy(label_smoothing=0.1)
     >>> y_true = np.array([0, 1])
@@ -170,6 +168,7 @@ class SparseCategoricalCrossentropy(keras.losses.Loss):
         return (1.0 - eps) * nll + eps * ops.cast(uniform, nll.dtype)
 
     def get_config(self) -> dict[str, Any]:
+        """The loss's config, for Keras serialization."""
         config = super().get_config()
         config.update(
             {

@@ -1,5 +1,4 @@
-r"""Perplexity, the language-modeling metric of the SEHT paper's WikiText-2
-results.
+r"""Perplexity: the language-modeling metric of SEHT's WikiText-2 results.
 
 For tokens :math:`t = 1..N` with targets :math:`y_t`, predicted
 distributions :math:`p_t` and weights :math:`w_t` (1 by default),
@@ -15,7 +14,6 @@ categorical cross-entropy in nats). The classic PyTorch
 token-weighted mean loss over a whole split.
 
 Example:
-
 >>> import keras_seht
 >>> ppl = keras_seht.metrics.Perplexity(from_logits=True)
 >>> ppl.update_state([0, 1], [[0.0, 0.0], [0.0, 0.0]])  # uniform over 2
@@ -51,7 +49,6 @@ def perplexity_from_loss(mean_nll: Any) -> Any:
         A float for a scalar input (``inf`` on overflow), else a NumPy array.
 
     Example:
-
     >>> round(perplexity_from_loss(4.5), 2)
     90.02
     """
@@ -95,7 +92,6 @@ class Perplexity(keras.metrics.Metric):
             splits).
 
     Example:
-
     >>> import numpy as np
     >>> m = Perplexity(from_logits=False)
     >>> m.update_state([0, 1], np.array([[0.5, 0.5], [0.25, 0.75]]))
@@ -147,8 +143,11 @@ class Perplexity(keras.metrics.Metric):
     def update_state(
         self, y_true: Any, y_pred: Any, sample_weight: Any = None
     ) -> None:
-        """Adds a batch: integer targets `y_true` of shape ``(...)`` (or
-        ``(..., 1)``) and `y_pred` of shape ``(..., vocab_size)``."""
+        """Adds a batch of integer targets `y_true` and predictions `y_pred`.
+
+        `y_true` has shape ``(...)`` (or ``(..., 1)``), `y_pred` has shape
+        ``(..., vocab_size)``.
+        """
         keras_mask = compat.get_keras_mask(y_pred)
         y_pred = ops.cast(ops.convert_to_tensor(y_pred), self.dtype)
         y_true = ops.convert_to_tensor(y_true)
@@ -179,9 +178,11 @@ class Perplexity(keras.metrics.Metric):
         self.total_weight.assign_add(ops.sum(weight))
 
     def result(self) -> Any:
+        """The perplexity so far: exp of the weighted mean NLL."""
         return ops.exp(ops.divide_no_nan(self.total_nll, self.total_weight))
 
     def get_config(self) -> dict[str, Any]:
+        """The metric's config, for Keras serialization."""
         config = super().get_config()
         config.update(
             from_logits=self.from_logits, mask_token_id=self.mask_token_id

@@ -8,6 +8,7 @@ weights. With ``seht=None`` they train exactly like plain Keras.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import TYPE_CHECKING, Any, cast
 
@@ -15,7 +16,7 @@ import keras
 
 from keras_seht import _keras_compat as compat
 from keras_seht import backend as seht_backend
-from keras_seht import regularizers
+from keras_seht import regularizers, step
 from keras_seht.estimators import CurvatureEstimator
 from keras_seht.layout import WeightLayout, weight_layout
 from keras_seht.penalties import Penalty
@@ -47,25 +48,48 @@ class SEHTTrainer:
         jit_compile: Any
         # Set with object.__setattr__ (kept out of Keras' tracking).
         _seht: Penalty | list[Penalty] | None
-        _seht_layout: WeightLayout | None
+        _seht_layout: tuple[tuple[int, ...], WeightLayout] | None
         _seht_trackers: tuple[Any, ...] | None
         _seht_warned: bool
+        _seht_warned_step: bool
 
     def _seht_setup(self) -> None:
-        # Created before the model is built so that the JAX backend threads
-        # the seed state through its compiled step like any other state.
-        self.seht_seed_generator = keras.random.SeedGenerator(
-            name="seht_seed_generator"
-        )
+        # No Keras state here (the seed generator comes with the first
+        # compile(seht=...)): with seht=None the model's variables and
+        # state tree are exactly plain Keras'.
         object.__setattr__(self, "_seht", None)
         object.__setattr__(self, "_seht_layout", None)
         object.__setattr__(self, "_seht_trackers", None)
         object.__setattr__(self, "_seht_warned", False)
 
+    def _add_seht_seed_generator(self) -> None:
+        """Creates ``seht_seed_generator``, once.
+
+        Later compiles reuse it, a later ``compile(seht=None)`` included.
+
+        The train step draws its probes from it. As a tracked attribute its
+        state is one of the model's non-trainable variables from compile
+        on, before ``fit`` builds the train function, so the JAX backend
+        threads it through the compiled step (fresh probes every step).
+        Keras locks the state of a built subclassed model; the generator is
+        the one addition made past that lock.
+        """
+        if isinstance(
+            getattr(self, "seht_seed_generator", None),
+            keras.random.SeedGenerator,
+        ):
+            return
+        with compat.unlocked_state(self):
+            self.seht_seed_generator = keras.random.SeedGenerator(
+                name="seht_seed_generator"
+            )
+
     @property
     def seht(self) -> Penalty | list[Penalty] | None:
-        """What ``compile(seht=...)`` was given, resolved: a penalty (e.g.
-        the curvature estimator), a list of penalties, or None."""
+        """What ``compile(seht=...)`` was given, resolved.
+
+        A penalty (e.g. the curvature estimator), a list of penalties, or None.
+        """
         return getattr(self, "_seht", None)
 
     @property
@@ -91,21 +115,28 @@ class SEHTTrainer:
 
     @property
     def seht_layout(self) -> WeightLayout:
-        """Trainable variables grouped by layer (computed once per compile,
-        once the model is built)."""
-        if self._seht_layout is not None:
-            return self._seht_layout
+        """Trainable variables grouped by layer.
+
+        Computed once for a given list of trainable variables: setting a
+        layer's ``trainable`` after ``compile`` makes the next step follow
+        the change, as plain Keras does.
+        """
+        key = tuple(id(v) for v in self.trainable_variables)
+        cached = self._seht_layout
+        if cached is not None and cached[0] == key:
+            return cached[1]
         layout = weight_layout(self)
         if self.built:  # an unbuilt model's variables are still to come
-            object.__setattr__(self, "_seht_layout", layout)
+            object.__setattr__(self, "_seht_layout", (key, layout))
         return layout
 
     def compile(self, *args: Any, seht: Any = None, **kwargs: Any) -> None:
         """Configures the model for training, with an optional SEHT penalty.
 
-        Takes every argument of ``keras.Model.compile``, plus:
+        Takes every argument of ``keras.Model.compile``, plus ``seht``.
 
         Args:
+            *args: Positional arguments of ``keras.Model.compile``.
             seht: None (plain Keras training), an estimator such as
                 ``SEHTD(p=0.01)``, another penalty of
                 `keras_seht.regularizers` (``Jacobian``,
@@ -114,7 +145,11 @@ class SEHTTrainer:
                 dict (``{"class_name": "seht_d", "config": {"p": 0.05}}``),
                 or a list of those, each added at its own ``strength``
                 (``[SEHTD(p=0.01), Jacobian(strength=0.01)]``).
+            **kwargs: Keyword arguments of ``keras.Model.compile``
+                (``optimizer``, ``loss``, ``metrics``, ...).
         """
+        # Every check comes first: a bad `seht` leaves the model as it was
+        # (uncompiled, or with its previous compile).
         estimator = regularizers.get(seht)
         penalties = regularizers.as_list(estimator)
         if estimator is not None:
@@ -126,15 +161,19 @@ class SEHTTrainer:
                     "there is no Hessian to regularize. Pass seht=None."
                 )
         super().compile(*args, **kwargs)  # type: ignore[misc]
+        if estimator is not None:
+            self._add_seht_seed_generator()
         object.__setattr__(self, "_seht", estimator)
         object.__setattr__(self, "_seht_layout", None)
         object.__setattr__(self, "_seht_warned", False)
+        object.__setattr__(self, "_seht_warned_step", False)
+        object.__setattr__(self, "_seht_step_ran", False)
         if estimator is None:
             object.__setattr__(self, "_seht_trackers", None)
             return
-        trackers = [keras.metrics.Mean(name=p.log_name) for p in penalties]
+        trackers = [_ComputedMean(name=p.log_name) for p in penalties]
         if any(isinstance(p, CurvatureEstimator) for p in penalties):
-            trackers.append(keras.metrics.Mean(name=NEGATIVE_LOG_KEY))
+            trackers.append(_ComputedMean(name=NEGATIVE_LOG_KEY))
         trackers.append(keras.metrics.Sum(name=SKIPPED_LOG_KEY))
         object.__setattr__(self, "_seht_trackers", tuple(trackers))
         if (
@@ -152,6 +191,7 @@ class SEHTTrainer:
 
     @property
     def metrics(self) -> list[Any]:
+        """Keras' metrics, plus the SEHT trackers when ``seht`` is set."""
         metrics = list(super().metrics)  # type: ignore[misc]
         if self.seht is not None and self._seht_trackers is not None:
             metrics.extend(self._seht_trackers)
@@ -172,34 +212,75 @@ class SEHTTrainer:
         if estimator is not None:
             t = values[self.seht_penalties.index(estimator)]
             values.append(keras.ops.cast(keras.ops.less(t, 0.0), "float32"))
-        if isinstance(finite, bool):
-            if finite:
-                for tracker, value in zip(value_trackers, values):
-                    tracker.update_state(value)
-            skipped_tracker.update_state(0.0 if finite else 1.0)
-            return
         weight = keras.ops.cast(finite, "float32")
         for tracker, value in zip(value_trackers, values):
             safe = keras.ops.where(finite, value, keras.ops.zeros_like(value))
             tracker.update_state(safe, sample_weight=weight)
         skipped_tracker.update_state(1.0 - weight)
 
-    def warn_skipped_once(self) -> None:
-        """Warns (once per compile) that a non-finite estimate was skipped."""
-        if not self._seht_warned:
-            object.__setattr__(self, "_seht_warned", True)
-            warnings.warn(
-                "A `seht` penalty (e.g. the trace estimate) was NaN/Inf; the "
-                "penalties were left out of that step's update (the weights "
-                "only received the plain loss gradient). Such steps are "
-                "counted in the `seht_skipped` log entry. Consider a smaller "
-                "learning rate or `strength`.",
-                RuntimeWarning,
-                stacklevel=2,
+    def warn_skipped_once(self, loss_finite: bool = True) -> None:
+        """Warns (once per compile) that a non-finite estimate was skipped.
+
+        Args:
+            loss_finite: Whether the logged loss was finite. If not, the
+                plain loss gradient that replaced the penalties' was not
+                finite either, and the warning says so.
+        """
+        if self._seht_warned:
+            return
+        object.__setattr__(self, "_seht_warned", True)
+        if loss_finite:
+            what = (
+                "the penalties were left out of that step's update, which "
+                "used the plain loss gradient"
             )
+        else:
+            what = (
+                "the penalties were left out of that step's update, but "
+                "the loss itself was NaN/Inf too, so that update was not "
+                "finite either and the weights may now be NaN/Inf"
+            )
+        warnings.warn(
+            f"A `seht` penalty (e.g. the trace estimate) was NaN/Inf: {what}. "
+            "Such steps are counted in the `seht_skipped` log entry, and a "
+            "penalty's logged value is NaN for an epoch whose steps were "
+            "all skipped. Consider a smaller learning rate or `strength`.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def warn_step_not_run(self) -> None:
+        """Warns (once per compile) that ``fit`` trained without the SEHT step.
+
+        A subclass overrides ``train_step`` and does not call it.
+        """
+        if self._seht_warned_step:
+            return
+        object.__setattr__(self, "_seht_warned_step", True)
+        warnings.warn(
+            f"`{type(self).__name__}` overrides `train_step` without "
+            "calling `super().train_step(...)`, so the `seht` penalties "
+            f"({', '.join(p.log_name for p in self.seht_penalties)}) are "
+            "not applied, and their log entries stay NaN. Call "
+            "`super().train_step(...)` in your `train_step`, or compile "
+            "with seht=None.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
+        """Keras' ``fit``; with ``seht``, it warns when steps were skipped.
+
+        A compiled step traced for other trainable variables (a layer's
+        ``trainable`` set since) is traced again, so that the step follows
+        the change: plain Keras on TensorFlow would keep training the
+        frozen layer with the old graph.
+        """
         if self.seht is not None:
+            cached = self._seht_layout
+            current = tuple(id(v) for v in self.trainable_variables)
+            if cached is not None and cached[0] != current:
+                self.train_function = None
             # `callbacks` is fit's sixth positional parameter.
             if len(args) > 5:
                 args_list = list(args)
@@ -212,11 +293,16 @@ class SEHTTrainer:
         return super().fit(*args, **kwargs)  # type: ignore[misc]
 
     def train_step(self, *args: Any) -> Any:
+        """Keras' train step, or `keras_seht.step.train_step` with ``seht``.
+
+        Takes the arguments of the backend's ``train_step`` (``data``;
+        ``state, data`` under JAX).
+        """
         if self.seht is None:
             return super().train_step(*args)  # type: ignore[misc]
         if self.built:
             self.check_trainable_weights()
-        return seht_backend.get().train_step(self, *args)
+        return step.train_step(seht_backend.get().StepRun(self, *args), self)
 
     def check_trainable_weights(self) -> None:
         """Raises ValueError if SEHT is on but nothing is trainable."""
@@ -227,6 +313,7 @@ class SEHTTrainer:
             )
 
     def test_step(self, *args: Any) -> Any:
+        """Keras' test step, without the SEHT entries in its logs."""
         result = super().test_step(*args)  # type: ignore[misc]
         if self.seht is None:
             return result
@@ -237,18 +324,19 @@ class SEHTTrainer:
         return _drop_keys(result, keys)
 
     def get_compile_config(self) -> dict[str, Any]:
+        """Keras' compile config, plus ``seht`` (serialized) when given."""
         config = super().get_compile_config()  # type: ignore[misc]
         if config and self.seht is not None:
             config["seht"] = regularizers.serialize(self.seht)
         return config
 
     def compile_from_config(self, config: dict[str, Any]) -> None:
+        """Compiles from a `get_compile_config` result, ``seht`` included."""
         config = dict(config)
-        seht = config.pop("seht", None)
+        # Resolved first: a tampered entry raises before anything is built.
+        seht = regularizers.get(config.pop("seht", None))
         config = keras.saving.deserialize_keras_object(config)
-        self.compile(
-            **config, seht=None if seht is None else regularizers.get(seht)
-        )
+        self.compile(**config, seht=seht)
         if getattr(self, "optimizer", None) is not None and self.built:
             self.optimizer.build(self.trainable_variables)
 
@@ -265,9 +353,31 @@ class _SkipWarning(keras.callbacks.Callback):
         self._seht_model = seht_model
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        skipped = (logs or {}).get("seht_skipped")
+        model = self._seht_model
+        if not getattr(model, "_seht_step_ran", False):
+            model.warn_step_not_run()
+            return
+        logs = logs or {}
+        skipped = logs.get(SKIPPED_LOG_KEY)
         if skipped is not None and float(skipped) > 0:
-            self._seht_model.warn_skipped_once()
+            loss = logs.get("loss")
+            model.warn_skipped_once(loss is None or math.isfinite(float(loss)))
+
+
+class _ComputedMean(keras.metrics.Mean):
+    """A `Mean` that is NaN, not 0, before any value was recorded.
+
+    A penalty tracker of an epoch whose steps were all skipped (or of a
+    model whose ``train_step`` never computed the penalty) then logs NaN,
+    never a value that was not computed.
+    """
+
+    def result(self) -> Any:
+        count = keras.ops.cast(self.count, "float32")
+        mean = keras.ops.cast(self.total, "float32") / keras.ops.maximum(
+            count, 1.0
+        )
+        return keras.ops.where(count > 0, mean, float("nan"))
 
 
 def _with_skip_warning(model: SEHTTrainer, callbacks: Any) -> Any:
@@ -293,7 +403,6 @@ class Model(SEHTTrainer, keras.Model):
     define ``call``).
 
     Example:
-
     >>> import keras, keras_seht
     >>> inputs = keras.Input((4,))
     >>> outputs = keras.layers.Dense(3, activation="softmax")(inputs)
@@ -305,6 +414,7 @@ class Model(SEHTTrainer, keras.Model):
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """Creates a `FunctionalModel` for ``Model(inputs, outputs)`` calls."""
         if cls is Model and compat.is_functional_call(args, kwargs):
             return FunctionalModel.__new__(FunctionalModel, *args, **kwargs)
         return super().__new__(cls, *args, **kwargs)
@@ -348,7 +458,6 @@ class Sequential(SEHTTrainer, keras.Sequential):
     """A ``keras.Sequential`` whose ``compile`` accepts ``seht=``.
 
     Example:
-
     >>> import keras, keras_seht
     >>> model = keras_seht.Sequential([
     ...     keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
@@ -376,7 +485,6 @@ def wrap(model: keras.Model) -> Model | Sequential:
         uncompiled; `model` itself if it already is one.
 
     Example:
-
     >>> import keras, keras_seht
     >>> base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     >>> wrapped = keras_seht.wrap(base)

@@ -16,10 +16,13 @@ are penalties; so are the paper's baselines defined here:
   (Pereyra et al. 2017);
 - `GradientNorm`: the squared norm of the loss gradient.
 
-Each logs its value :math:`R` (before ``strength``) under `log_name`. The
-train step does the autodiff (``keras_seht/backend/``); a penalty object
-describes *what* to compute, with backend-neutral ``keras.ops``, and is a
-serializable Keras object (``get_config`` / ``from_config``).
+Each logs its value :math:`R` (before ``strength``) under `log_name`. A
+penalty computes its own value, with backend-neutral ``keras.ops``, from
+the quantities of the train step's `keras_seht.context.StepContext`
+(``__call__``), after recording in the step's plan what it needs
+(``plan``); the backends (``keras_seht/backend/``) do the autodiff, for
+every penalty alike. Penalties are serializable Keras objects
+(``get_config`` / ``from_config``).
 
 References:
     Judy Hoffman, Daniel A. Roberts, Sho Yaida. "Robust Learning with
@@ -33,27 +36,37 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_seht._checks import check_int, check_strength
+from keras_seht._checks import check_bool, check_int, check_strength
+
+if TYPE_CHECKING:
+    from keras_seht.context import DrawSpec, StepContext, StepPlan
 
 
 class Penalty:
     """Base class of everything ``compile(seht=...)`` accepts.
 
-    Subclasses set the class attributes below, validate their arguments in
-    ``__init__``, return every constructor argument from ``get_config``,
-    and are registered with ``keras.saving.register_keras_serializable``.
+    Writing your own: subclass, validate the arguments in ``__init__``
+    (``keras_seht._checks``), implement ``__call__(context)`` returning
+    :math:`s R` from the quantities of the step context
+    (`keras_seht.context.StepContext`: the outputs, the scaled loss and
+    its differentiable gradient, the curvature quadratic form, input
+    products; every one of the loss scaled by :math:`s`, so multiply
+    what you compute from the outputs by ``context.scale``), record in
+    ``plan`` what of those you read and draw your random numbers there,
+    return every constructor argument from ``get_config``, and register
+    the class with ``keras.saving.register_keras_serializable``. Nothing
+    in ``keras_seht/backend/`` changes.
 
     Args:
         strength: Multiplier of the penalty in the loss (>= 0).
 
     Example:
-
     >>> from keras_seht import SEHTD
     >>> [isinstance(p, Penalty) for p in (SEHTD(), GradientNorm())]
     [True, True]
@@ -77,15 +90,34 @@ class Penalty:
         """Whether R's weight gradient needs second-order autodiff."""
         return self.needs_loss_gradient or self.needs_input_gradient
 
+    def plan(self, plan: StepPlan, spec: DrawSpec) -> None:
+        """Records in `plan` what the step computes for this penalty.
+
+        Called once per step before the forward pass, where the random
+        numbers a penalty needs are drawn (from ``spec.seed``). The default
+        asks for the differentiable forward pass (and, with
+        `needs_loss_gradient`, the loss gradient).
+        """
+        plan.forward_graph = True
+        plan.loss_gradient = plan.loss_gradient or self.needs_loss_gradient
+
+    def __call__(self, context: StepContext) -> Any:
+        """The value s R of this step, differentiable in the weights."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `__call__(context)`."
+        )
+
     def objective_value(self, value: Any) -> Any:
         """What enters the loss for a computed value R (R itself here)."""
         return value
 
     def get_config(self) -> dict[str, Any]:
+        """The penalty's constructor arguments, for Keras serialization."""
         return {"strength": self.strength}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Penalty":
+        """The penalty that a `get_config` result describes."""
         return cls(**config)
 
     def __repr__(self) -> str:
@@ -178,7 +210,6 @@ class Jacobian(Penalty):
         exact: Compute R exactly (ignores ``n_proj``).
 
     Example:
-
     >>> Jacobian(strength=0.01, n_proj=1)
     Jacobian(strength=0.01, n_proj=1, exact=False)
     """
@@ -190,12 +221,8 @@ class Jacobian(Penalty):
         self, strength: float = 0.01, n_proj: int = 1, exact: bool = False
     ) -> None:
         super().__init__(strength)
-        if not isinstance(exact, (bool, np.bool_)):
-            raise ValueError(
-                f"`exact` must be a bool. Received: exact={exact!r}"
-            )
         self.n_proj = check_int("n_proj", n_proj)
-        self.exact = bool(exact)
+        self.exact = check_bool("exact", exact)
 
     def projections(
         self, shape: Sequence[Any], dtype: Any = "float32", seed: Any = None
@@ -237,6 +264,24 @@ class Jacobian(Penalty):
             out.append(ops.cast(v, dtype))
         return out, float(features) / self.n_proj
 
+    def plan(self, plan: StepPlan, spec: DrawSpec) -> None:
+        """Adds the step's random output projections to `plan`."""
+        super().plan(plan, spec)
+        shape = spec.output_shape()
+        plan.input_cotangents = self.projections(shape, spec.dtype, spec.seed)[
+            0
+        ]
+
+    def __call__(self, context: StepContext) -> Any:
+        """The value s R, from the input products of the planned projections."""
+        z = flatten_outputs(context.outputs)
+        features = z.shape[1]
+        weight = 1.0 if self.exact else float(features) / self.n_proj
+        norm = self.norm_from_products(
+            context.input_products(), weight, ops.shape(z)[0]
+        )
+        return ops.cast(norm, "float32") * ops.cast(context.scale, "float32")
+
     @staticmethod
     def norm_from_products(
         products: Sequence[Sequence[Any]], weight: float, batch_size: Any
@@ -256,6 +301,7 @@ class Jacobian(Penalty):
         return total * (weight / ops.cast(batch_size, "float32"))
 
     def get_config(self) -> dict[str, Any]:
+        """The penalty's constructor arguments, for Keras serialization."""
         return {
             "strength": self.strength,
             "n_proj": self.n_proj,
@@ -302,7 +348,6 @@ class ConfidencePenalty(Penalty):
             ValueError when that is impossible.
 
     Example:
-
     >>> ConfidencePenalty(strength=0.1, from_logits=True)
     ConfidencePenalty(strength=0.1, from_logits=True)
     """
@@ -313,14 +358,9 @@ class ConfidencePenalty(Penalty):
         self, strength: float = 0.1, from_logits: bool | None = None
     ) -> None:
         super().__init__(strength)
-        if from_logits is not None and not isinstance(
-            from_logits, (bool, np.bool_)
-        ):
-            raise ValueError(
-                "`from_logits` must be True, False or None. Received: "
-                f"from_logits={from_logits!r}"
-            )
-        self.from_logits = None if from_logits is None else bool(from_logits)
+        self.from_logits = check_bool(
+            "from_logits", from_logits, allow_none=True
+        )
 
     def resolve_from_logits(self, model: keras.Model) -> bool:
         """`from_logits`, read from the compiled loss when it is None."""
@@ -334,6 +374,13 @@ class ConfidencePenalty(Penalty):
                 "ConfidencePenalty(from_logits=True) or (from_logits=False)."
             )
         return value
+
+    def __call__(self, context: StepContext) -> Any:
+        """The value s R, from the step's outputs."""
+        value = self.value(
+            context.model, context.outputs, context.sample_weight
+        )
+        return value * ops.cast(context.scale, "float32")
 
     def value(
         self, model: keras.Model, y_pred: Any, sample_weight: Any = None
@@ -360,6 +407,7 @@ class ConfidencePenalty(Penalty):
         return ops.mean(negative_entropy)
 
     def get_config(self) -> dict[str, Any]:
+        """The penalty's constructor arguments, for Keras serialization."""
         return {"strength": self.strength, "from_logits": self.from_logits}
 
 
@@ -383,7 +431,6 @@ class GradientNorm(Penalty):
         strength: Multiplier of R in the loss.
 
     Example:
-
     >>> GradientNorm(strength=0.01)
     GradientNorm(strength=0.01)
     """
@@ -393,3 +440,9 @@ class GradientNorm(Penalty):
 
     def __init__(self, strength: float = 0.01) -> None:
         super().__init__(strength)
+
+    def __call__(self, context: StepContext) -> Any:
+        r""":math:`s\lVert\nabla L\rVert^2 = \lVert\nabla (sL)\rVert^2 / s`."""
+        grads = context.loss_gradient()
+        total = sum(ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads)
+        return total / ops.cast(context.scale, "float32")

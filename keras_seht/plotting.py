@@ -12,9 +12,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from keras_seht._io import save_figure
+from keras_seht.callbacks.monitor import KEYS as _MONITOR_KEYS
 
-#: The unprefixed keys of a `CurvatureMonitor`'s ``history``.
-_MONITOR_KEYS = ("trace", "trace_std_error", "trace_hutchpp", "top_eigenvalue")
 _INDEX_KEYS = ("epoch", "step")
 
 

@@ -11,7 +11,6 @@ or an instance, and a list of those to combine several penalties:
 minimizes L + 0.001 * t + 0.01 * ||J||_F^2 (each at its own strength).
 
 Example:
-
 >>> from keras_seht import regularizers
 >>> est = regularizers.get("seht_d")
 >>> type(est).__name__, est.p, est.strength
@@ -81,7 +80,6 @@ def serialize(
     """Returns the Keras config dict of a penalty (a list for a list).
 
     Example:
-
     >>> from keras_seht import regularizers
     >>> config = regularizers.serialize(regularizers.SEHTD(p=0.05))
     >>> config["class_name"], config["config"]["p"]
@@ -108,7 +106,6 @@ def deserialize(
             another kind, arguments the class does not take).
 
     Example:
-
     >>> from keras_seht import regularizers
     >>> est = regularizers.SEHTH(max_iter=5)
     >>> regularizers.deserialize(regularizers.serialize(est)) == est

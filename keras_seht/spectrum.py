@@ -6,7 +6,10 @@ linear operator :math:`A` (typically the loss Hessian :math:`H`) through a
 
 - `hutchinson_trace`: Hutchinson's estimate of :math:`\operatorname{tr}(A)`;
 - `hutchpp_trace`: Hutch++, a low-rank deflated, lower-variance version;
-- `top_eigenvalue`: the largest-magnitude eigenvalue, by power iteration.
+- `top_eigenvalue`: the largest-magnitude eigenvalue, by power iteration;
+- `quadratic_forms` and `hutchinson_diagonal`: :math:`\sigma^\top A
+  \sigma` and :math:`\sigma \odot A\sigma` for given probes (those of a
+  SEHT estimator, say), and `mean_and_std_error` to average them.
 
 A ``matvec`` maps a list of arrays, one per trainable variable (shaped like
 ``shapes``), to a list of arrays of the same shapes. The estimators draw
@@ -16,23 +19,24 @@ algebra in float64 NumPy on the flattened vectors; the arrays handed to
 anything ``numpy.asarray`` converts (CPU tensors).
 
 `hessian_top_eigenvalue` and `hessian_trace_hutchpp` apply them to the
-Hessian of a compiled model's loss on one batch, through the backend's
-Hessian-vector product. Like the functions of `keras_seht.hessian`, they
-never modify the model (weights, BatchNorm statistics, seeds).
+Hessian of a compiled model's loss on one batch
+(`keras_seht.operators.HessianOperator`), as `keras_seht.hessian`,
+`CurvatureMonitor` and `HessianReinit` do. Like the functions of
+`keras_seht.hessian`, they never modify the model (weights, BatchNorm
+statistics, seeds).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import keras
 import numpy as np
 
-from keras_seht import backend as seht_backend
+from keras_seht import operators
 from keras_seht._checks import check_int
-from keras_seht.hessian import _prepare
 
 #: A matrix-vector product: one array per variable in, the same shapes out.
 Matvec = Callable[[list[np.ndarray]], Sequence[Any]]
@@ -110,12 +114,36 @@ class _FlatOperator:
         self.n = sum(self.sizes)
         self.calls = 0
 
-    def __call__(self, flat: np.ndarray) -> np.ndarray:
+    def flatten(self, vectors: Sequence[Any]) -> np.ndarray:
+        """A vector of arrays or tensors, one per shape, as flat float64."""
+        pieces = list(vectors)
+        if len(pieces) != len(self.shapes):
+            raise ValueError(
+                f"A probe must hold {len(self.shapes)} arrays, one per shape "
+                f"in `shapes`. Received: {len(pieces)}."
+            )
+        flat = [
+            np.asarray(keras.ops.convert_to_numpy(p), "float64").reshape(-1)
+            for p in pieces
+        ]
+        for i, (piece, size) in enumerate(zip(flat, self.sizes)):
+            if piece.size != size:
+                raise ValueError(
+                    f"The probe's array at position {i} has {piece.size} "
+                    f"elements, where `shapes` has {self.shapes[i]}."
+                )
+        return np.concatenate(flat)
+
+    def unflatten(self, flat: np.ndarray) -> list[np.ndarray]:
+        """A flat vector as one array per shape."""
         pieces, offset = [], 0
         for shape, size in zip(self.shapes, self.sizes):
             pieces.append(flat[offset : offset + size].reshape(shape))
             offset += size
-        outputs = list(self.matvec(pieces))
+        return pieces
+
+    def __call__(self, flat: np.ndarray) -> np.ndarray:
+        outputs = list(self.matvec(self.unflatten(flat)))
         self.calls += 1
         if len(outputs) != len(self.shapes):
             raise ValueError(
@@ -141,6 +169,114 @@ def _rademacher(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 # --------------------------------------------------------------------------
 # Backend-neutral estimators
 # --------------------------------------------------------------------------
+
+
+def quadratic_forms(
+    matvec: Matvec,
+    shapes: Sequence[Sequence[int]],
+    probes: Iterable[Sequence[Any]],
+) -> np.ndarray:
+    r"""The quadratic forms :math:`\sigma_k^\top A \sigma_k` of given probes.
+
+    One matvec per probe; the products are taken in float64. For probes
+    with :math:`E[\sigma\sigma^\top] = I` (Rademacher: `hutchinson_trace`)
+    each value is an unbiased estimate of :math:`\operatorname{tr}(A)`;
+    for a SEHT estimator's probes, of its ``expectation``.
+
+    Args:
+        matvec: The product :math:`v \mapsto A v`, on lists of arrays.
+        shapes: The shape of each array of a vector.
+        probes: An iterable of probes, each a list of arrays or tensors
+            shaped like ``shapes``. It is consumed one probe at a time,
+            each after the previous product.
+
+    Returns:
+        The values, a float64 array with one entry per probe.
+
+    Example:
+    >>> import numpy as np
+    >>> a = np.array([[2.0, 1.0], [1.0, 3.0]])
+    >>> quadratic_forms(lambda v: [a @ v[0]], [(2,)],
+    ...                 [[np.array([1.0, 1.0])], [np.array([1.0, -1.0])]])
+    array([7., 3.])
+    """
+    op = _FlatOperator(matvec, shapes)
+    values = []
+    for probe in probes:
+        sigma = op.flatten(probe)
+        values.append(float(sigma @ op(sigma)))
+    return np.asarray(values, "float64")
+
+
+def mean_and_std_error(values: Any) -> tuple[float, float]:
+    r"""The mean of i.i.d. draws and its standard error.
+
+    .. math::
+
+        \bar t = \frac{1}{m} \sum_k t_k, \qquad
+        \operatorname{se} = \frac{s}{\sqrt m}, \quad
+        s^2 = \frac{1}{m - 1} \sum_k (t_k - \bar t)^2,
+
+    with ``inf`` as the standard error of a single draw.
+
+    Args:
+        values: The draws :math:`t_k` (a non-empty sequence of numbers).
+
+    Returns:
+        ``(mean, standard_error)`` as floats.
+    """
+    values = np.asarray(values, "float64").reshape(-1)
+    if values.size == 0:
+        raise ValueError("`values` must hold at least one draw.")
+    mean = float(np.mean(values))
+    if values.size == 1:
+        return mean, float("inf")
+    return mean, float(np.std(values, ddof=1) / math.sqrt(values.size))
+
+
+def hutchinson_diagonal(
+    matvec: Matvec,
+    shapes: Sequence[Sequence[int]],
+    probes: Iterable[Sequence[Any]],
+) -> list[np.ndarray]:
+    r"""Hutchinson-style estimate of the diagonal of a matrix :math:`A`.
+
+    The estimate :math:`\frac{1}{m}\sum_k \sigma_k \odot A\sigma_k`
+    of :math:`\operatorname{diag}(A)`.
+
+    Unbiased for the diagonal when :math:`E[\sigma\sigma^\top] = I` on the
+    entries of interest (Bekas, Kokiopoulou and Saad, 2007): entry
+    :math:`i` has mean :math:`\sum_j A_{ij} E[\sigma_i\sigma_j] = A_{ii}`
+    and, for Rademacher probes, variance :math:`\sum_{j \ne i}
+    A_{ij}^2 / m`. Entries where every probe is zero come out zero. One
+    matvec per probe, in float64.
+
+    Args:
+        matvec: The product :math:`v \mapsto A v`, on lists of arrays.
+        shapes: The shape of each array of a vector.
+        probes: A non-empty iterable of probes (lists of arrays or
+            tensors shaped like ``shapes``), consumed one at a time.
+
+    Returns:
+        float64 NumPy arrays shaped like ``shapes``.
+
+    Example:
+    >>> import numpy as np
+    >>> a = np.array([[2.0, 1.0], [1.0, 3.0]])
+    >>> probes = [[np.array([1.0, 1.0])], [np.array([1.0, -1.0])]]
+    >>> hutchinson_diagonal(lambda v: [a @ v[0]], [(2,)], probes)
+    [array([2., 3.])]
+    """
+    op = _FlatOperator(matvec, shapes)
+    total = np.zeros(op.n)
+    count = 0
+    for probe in probes:
+        sigma = op.flatten(probe)
+        total += sigma * op(sigma)
+        count += 1
+    if not count:
+        raise ValueError("`probes` must hold at least one probe.")
+    return op.unflatten(total / count)
 
 
 def hutchinson_trace(
@@ -172,7 +308,6 @@ def hutchinson_trace(
         standard deviation over :math:`\sqrt{m}`; ``inf`` for one sample).
 
     Example:
-
     >>> import numpy as np
     >>> a = np.diag([1.0, 4.0, 2.0])
     >>> hutchinson_trace(lambda v: [a @ v[0]], [(3,)], samples=5)
@@ -181,14 +316,8 @@ def hutchinson_trace(
     samples = check_int("samples", samples)
     rng = np.random.default_rng(_check_seed(seed))
     op = _FlatOperator(matvec, shapes)
-    values = np.empty(samples)
-    for k in range(samples):
-        sigma = _rademacher(rng, (op.n,))
-        values[k] = sigma @ op(sigma)
-    mean = float(np.mean(values))
-    if samples == 1:
-        return mean, float("inf")
-    return mean, float(np.std(values, ddof=1) / math.sqrt(samples))
+    probes = (op.unflatten(_rademacher(rng, (op.n,))) for _ in range(samples))
+    return mean_and_std_error(quadratic_forms(matvec, shapes, probes))
 
 
 def hutchpp_trace(
@@ -236,7 +365,6 @@ def hutchpp_trace(
         The estimate, a float.
 
     Example:
-
     >>> import numpy as np
     >>> a = np.array([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 2.0]])
     >>> round(hutchpp_trace(lambda v: [a @ v[0]], [(3,)], samples=9), 6)
@@ -308,7 +436,6 @@ def top_eigenvalue(
         :math:`A v_k = 0`).
 
     Example:
-
     >>> import numpy as np
     >>> a = np.diag([1.0, -3.0, 2.0])
     >>> round(top_eigenvalue(lambda v: [a @ v[0]], [(3,)], tol=1e-12), 6)
@@ -341,31 +468,6 @@ def top_eigenvalue(
 # --------------------------------------------------------------------------
 # Model-level diagnostics
 # --------------------------------------------------------------------------
-
-
-def _hessian_operator(
-    model: keras.Model,
-    x: Any,
-    y: Any,
-    sample_weight: Any,
-    training: bool,
-) -> tuple[Matvec, list[tuple[int, ...]]]:
-    """The loss Hessian's matvec on NumPy arrays, and the weight shapes."""
-    x, y, sample_weight = _prepare(model, x, y, sample_weight)
-    hvp = seht_backend.get().HessianVectorProduct(
-        model, x, y, sample_weight, training
-    )
-    variables = list(model.trainable_variables)
-    shapes = [tuple(int(d) for d in v.shape) for v in variables]
-
-    def matvec(vectors: list[np.ndarray]) -> list[np.ndarray]:
-        tensors = [
-            keras.ops.convert_to_tensor(vec, dtype=var.dtype)
-            for vec, var in zip(vectors, variables)
-        ]
-        return [keras.ops.convert_to_numpy(h) for h in hvp(tensors)]
-
-    return matvec, shapes
 
 
 def hessian_top_eigenvalue(
@@ -404,7 +506,6 @@ def hessian_top_eigenvalue(
         The eigenvalue, a float.
 
     Example:
-
     >>> import keras, keras_seht, numpy as np
     >>> from keras_seht.spectrum import hessian_top_eigenvalue
     >>> model = keras_seht.Sequential([
@@ -417,8 +518,10 @@ def hessian_top_eigenvalue(
     iters = check_int("iters", iters)
     seed = _check_seed(seed)
     tol = _check_tol(tol)
-    matvec, shapes = _hessian_operator(model, x, y, sample_weight, training)
-    return top_eigenvalue(matvec, shapes, iters=iters, seed=seed, tol=tol)
+    hessian = operators.HessianOperator(model, x, y, sample_weight, training)
+    return top_eigenvalue(
+        hessian, hessian.shapes, iters=iters, seed=seed, tol=tol
+    )
 
 
 def hessian_trace_hutchpp(
@@ -456,7 +559,6 @@ def hessian_trace_hutchpp(
         The estimate, a float.
 
     Example:
-
     >>> import keras, keras_seht, numpy as np
     >>> from keras_seht.spectrum import hessian_trace_hutchpp
     >>> model = keras_seht.Sequential([
@@ -468,5 +570,5 @@ def hessian_trace_hutchpp(
     """
     samples = check_int("samples", samples)
     seed = _check_seed(seed)
-    matvec, shapes = _hessian_operator(model, x, y, sample_weight, training)
-    return hutchpp_trace(matvec, shapes, samples=samples, seed=seed)
+    hessian = operators.HessianOperator(model, x, y, sample_weight, training)
+    return hutchpp_trace(hessian, hessian.shapes, samples=samples, seed=seed)

@@ -207,7 +207,6 @@ def regressions(plain: Outcomes, ours: Outcomes) -> list[str]:
     """Tests that pass with plain Keras but not with keras_seht's classes.
 
     Example:
-
     >>> regressions({"a": "passed", "b": "failed", "c": "passed"},
     ...             {"a": "failed", "b": "failed"})
     ['a: failed', 'c: missing']

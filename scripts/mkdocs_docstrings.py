@@ -1,4 +1,4 @@
-"""A griffe extension that makes keras-seht's docstrings read well in mkdocs.
+r"""A griffe extension that makes keras-seht's docstrings read well in mkdocs.
 
 The docstrings are written for ``help()``, doctest and Sphinx habits;
 mkdocstrings renders them as Markdown. Before rendering (only then: the
@@ -7,8 +7,8 @@ package's code and docstrings are untouched), this rewrites
 - doctest examples (``>>>`` lines, their ``...`` continuations and their
   output) into ``pycon`` code blocks, without ``# doctest:`` flags;
   Markdown would otherwise show them as nested block quotes;
-- ``.. math::`` blocks into display math, ``\\[ ... \\]`` on lines of
-  their own, and ``:math:`x``` roles into inline math, ``\\( x \\)``:
+- ``.. math::`` blocks into display math, ``\[ ... \]`` on lines of
+  their own, and ``:math:`x``` roles into inline math, ``\( x \)``:
   the ``pymdownx.arithmatex`` extension (``generic: true`` in
   ``mkdocs.yml``) wraps them in ``arithmatex`` elements that MathJax
   (``docs/javascripts/mathjax.js``) typesets in the browser;
@@ -42,8 +42,11 @@ def _fence(lines: list[str], indent: int, language: str) -> list[str]:
 
 
 def _display_math(lines: list[str], indent: int) -> list[str]:
-    """`lines` (the block's LaTeX, already at `indent`) between ``\\[`` and
-    ``\\]``, the Markdown block that arithmatex reads as display math."""
+    r"""`lines`, the block's LaTeX, between ``\[`` and ``\]``.
+
+    That is the Markdown block that arithmatex reads as display math;
+    `lines` are already at `indent`.
+    """
     pad = " " * indent
     return [f"{pad}\\[", *lines, f"{pad}\\]"]
 
@@ -55,8 +58,7 @@ def _inline_math(match: re.Match[str]) -> str:
 
 
 def _indent_list_items(lines: list[str]) -> list[str]:
-    """`lines` with each list item's body indented 4 spaces past its
-    marker.
+    """`lines` with each list item's body indented 4 spaces past its marker.
 
     reStructuredText (and so the docstrings) indents an item's later
     paragraphs and math to the item's text, 3 spaces after ``1.``, 2 after
@@ -90,8 +92,7 @@ def _indent_list_items(lines: list[str]) -> list[str]:
 
 
 def rewrite(text: str) -> str:
-    """The docstring `text` with doctests, math and roles in Markdown
-    form."""
+    """The docstring `text` with doctests, math and roles in Markdown form."""
     lines = text.splitlines()
     out: list[str] = []
     i = 0
@@ -141,6 +142,7 @@ class MarkdownDocstrings(griffe.Extension):
     """Rewrites every docstring of the loaded objects with `rewrite`."""
 
     def on_object(self, *, obj: Any, **kwargs: Any) -> None:
+        """Rewrites the docstring of `obj`, once; griffe calls it per object."""
         docstring = obj.docstring
         if docstring is not None and not getattr(
             docstring, "_markdown_done", False

@@ -69,8 +69,10 @@ class StaleDate(RuntimeError):
 
 
 def measured(name: str) -> str:
-    """The date results file `name` was measured, after checking that the
-    file is the one that date belongs to."""
+    """The date results file `name` was measured.
+
+    Checks first that the file is the one that date belongs to.
+    """
     date, digest = MEASURED[name]
     actual = hashlib.sha256((RESULTS / name).read_bytes()).hexdigest()
     if not actual.startswith(digest):
@@ -109,8 +111,10 @@ def _ratio(value: float) -> str:
 
 
 def overhead_table(results: dict[str, Any], paper: bool = True) -> str:
-    """The step-overhead table of one backend's results, without the
-    plain rows (1.00x by definition)."""
+    """The step-overhead table of one backend's results.
+
+    Without the plain rows (1.00x by definition).
+    """
     targets, papers = _step_overhead_constants()
     memory = any("memory" in r for r in results["models"].values())
     head = ["model", "estimator", "time, mean", "median"]
@@ -412,9 +416,11 @@ python benchmarks/curvature_stability.py
 
 
 def reflow(page: str, width: int = 74) -> str:
-    """`page` with its prose paragraphs and list items wrapped at `width`
-    (the substituted numbers leave ragged lines); headings, tables,
-    comments and code blocks as they are."""
+    """`page` with its prose paragraphs and list items wrapped at `width`.
+
+    The substituted numbers leave ragged lines; headings, tables, comments
+    and code blocks stay as they are.
+    """
     blocks = []
     for block in page.strip("\n").split("\n\n"):
         if block.startswith(("#", "|", "```", "<!--")):

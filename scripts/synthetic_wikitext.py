@@ -24,9 +24,11 @@ import numpy as np
 def markov_corpus(
     vocab: int, tokens: int, seed: int, walk: int, successors: int = 8
 ) -> list[str]:
-    """Lines of words ``w0..w{vocab-1}``: walk number `walk` of the sparse
-    Markov chain drawn with `seed` (each word has `successors` possible
-    next words, Zipf-distributed, with Dirichlet(0.5) probabilities)."""
+    """Lines of words ``w0..w{vocab-1}``: walk number `walk` of a Markov chain.
+
+    The sparse chain is drawn with `seed`: each word has `successors` possible
+    next words, Zipf-distributed, with Dirichlet(0.5) probabilities.
+    """
     rng = np.random.default_rng(seed)
     zipf = 1.0 / np.arange(1, vocab + 1)
     table = rng.choice(vocab, size=(vocab, successors), p=zipf / zipf.sum())
@@ -44,6 +46,7 @@ def markov_corpus(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Writes the three synthetic WikiText-2 split files to ``out_dir``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--vocab", type=int, default=2000)

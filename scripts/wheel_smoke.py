@@ -25,12 +25,15 @@ import sys
 
 
 def fail(message: str) -> None:
+    """Exits with the failure `message`."""
     sys.exit(f"wheel smoke test failed: {message}")
 
 
 def check_requirements(backend: str) -> list[str]:
-    """The wheel's core requirements and its ``backend`` extra's, checked
-    against the versions importable here; returns them as met."""
+    """The wheel's core requirements and its ``backend`` extra's, as met.
+
+    Each is checked against the versions importable here.
+    """
     from packaging.requirements import Requirement
 
     met = []
@@ -79,6 +82,7 @@ def train_one_step() -> tuple[float, float]:
 
 
 def main() -> None:
+    """Checks the installed wheel: its location, backend and a SEHT step."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version", required=True, help="expected version")
     args = parser.parse_args()

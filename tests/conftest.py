@@ -150,7 +150,7 @@ class FixedProbes(CurvatureEstimator):
         ]
         self._calls = 0
 
-    def sample_probes(self, layout, seed=None, dtype="float32"):
+    def sample_probes(self, layout, seed=None, dtype="float32", sparse=False):
         probe = self.probes[self._calls % len(self.probes)]
         self._calls += 1
         assert [p.shape for p in probe] == list(layout.shapes)
@@ -158,3 +158,14 @@ class FixedProbes(CurvatureEstimator):
 
     def layer_weights(self, layout):
         return [1.0] * layout.num_layers
+
+
+def rademacher_probe(shapes, rng, fill=None):
+    """One float32 +-1 array per shape (all equal to `fill` if given)."""
+    probe = []
+    for shape in shapes:
+        p = rng.choice([-1.0, 1.0], size=tuple(shape)).astype("float32")
+        if fill is not None:
+            p[...] = fill
+        probe.append(p)
+    return probe

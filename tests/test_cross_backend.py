@@ -1,10 +1,11 @@
 """The same weights, data and sigma give the same t and update everywhere.
 
 One subprocess per Keras backend (the backend is fixed at import) loads the
-same weights, batch and probe (`CurvatureEstimator.draw_probes`, a NumPy
-draw that is identical on every backend), takes one SEHT step with
-SGD(learning_rate=1) and reports the logged t and loss, the applied update
-and the exact Hessian trace. All must agree to 1e-4 relative (float32).
+same weights, batch and probe (`CurvatureEstimator.sample_probes` with a
+NumPy generator: a draw that is identical on every backend), takes one
+SEHT step with SGD(learning_rate=1) and reports the logged t and loss, the
+applied update and the exact Hessian trace. All must agree to 1e-4
+relative (float32).
 
 The comparison runs once, in the torch pass of the suite (it starts all
 three backends itself).
@@ -12,6 +13,7 @@ three backends itself).
 
 from __future__ import annotations
 
+import pathlib
 import textwrap
 
 import keras
@@ -33,17 +35,8 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import keras_seht, keras
     from keras_seht import SEHTD, SEHTH
-    from keras_seht.estimators import CurvatureEstimator
-
-    class Fixed(CurvatureEstimator):
-        def __init__(self, probes, strength):
-            super().__init__(max_iter=len(probes), strength=strength)
-            self.probes, self.calls = probes, 0
-
-        def sample_probes(self, layout, seed=None, dtype="float32"):
-            probe = self.probes[self.calls % len(self.probes)]
-            self.calls += 1
-            return [keras.ops.convert_to_tensor(p, dtype) for p in probe]
+    sys.path.insert(0, TESTS)
+    from conftest import FixedProbes
 
     def mlp():
         return keras_seht.Sequential([
@@ -78,11 +71,15 @@ SCRIPT = textwrap.dedent(
         x = rng.normal(size=(12,) + shape).astype("float32")
         y = rng.integers(0, 3, size=12).astype("int32")
         layout = keras_seht.weight_layout(model)
-        probes = [estimator.draw_probes(layout, seed=10 + k)
-                  for k in range(estimator.max_iter)]
+        probes = [
+            estimator.sample_probes(
+                layout, seed=np.random.default_rng(10 + k)
+            )
+            for k in range(estimator.max_iter)
+        ]
         model.compile(optimizer=keras.optimizers.SGD(1.0),
                       loss="sparse_categorical_crossentropy",
-                      seht=Fixed(probes, strength=0.5))
+                      seht=FixedProbes(probes, strength=0.5))
         exact = keras_seht.exact_hessian_trace(model, x, y)
         before = [np.array(v.numpy()) for v in model.trainable_variables]
         logs = model.train_on_batch(x, y, return_dict=True)
@@ -103,7 +100,9 @@ SCRIPT = textwrap.dedent(
 def results() -> dict[str, dict]:
     return {
         backend: run_script_result(
-            SCRIPT, KERAS_BACKEND=backend, OMP_NUM_THREADS="1"
+            SCRIPT.replace("TESTS", repr(str(pathlib.Path(__file__).parent))),
+            KERAS_BACKEND=backend,
+            OMP_NUM_THREADS="1",
         )
         for backend in BACKENDS
     }

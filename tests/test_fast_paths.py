@@ -10,7 +10,8 @@
   rate the central difference promises.
 * BatchNorm moving statistics after one step equal a plain step's, for
   every method.
-* `SEHTD.sample_sparse_probes` has the distribution of `sample_probes`.
+* `SEHTD.sample_probes(sparse=True)` has the distribution of the dense
+  probes.
 
 Runs under every Keras backend (on JAX and TensorFlow the compiled steps
 use dense probes; the checks hold all the same).
@@ -286,7 +287,7 @@ def test_sparse_probes_have_the_dense_distribution():
     minus = np.zeros(layout.num_layers)
     entries = np.zeros(layout.num_layers)
     for _ in range(draws):
-        probe = est.sample_sparse_probes(layout, seed=seed)
+        probe = est.sample_probes(layout, seed=seed, sparse=True)
         hit = set()
         for i, sigma in enumerate(probe):
             layer = owner[i]

@@ -14,7 +14,7 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-from conftest import run_script_result
+from conftest import FixedProbes, run_script_result
 
 if keras.config.backend() != "jax":
     pytest.skip("JAX backend tests", allow_module_level=True)
@@ -23,28 +23,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import keras_seht  # noqa: E402
-from keras_seht import backend as seht_backend  # noqa: E402
-from keras_seht.estimators import CurvatureEstimator  # noqa: E402
+from keras_seht.operators import HessianOperator  # noqa: E402
+from keras_seht.spectrum import quadratic_forms  # noqa: E402
 
 L2 = 0.05
 STRENGTH = 0.1
-
-
-class FixedProbes(CurvatureEstimator):
-    """Returns the given probes, in turn (one per ``sample_probes`` call)."""
-
-    def __init__(self, probes: list[list[np.ndarray]], strength: float):
-        super().__init__(max_iter=len(probes), strength=strength)
-        self.probes = probes
-        self._calls = 0
-
-    def sample_probes(self, layout, seed=None, dtype="float32"):
-        probe = self.probes[self._calls % len(self.probes)]
-        self._calls += 1
-        return [keras.ops.convert_to_tensor(p, dtype) for p in probe]
-
-    def layer_weights(self, layout):
-        return [1.0] * layout.num_layers
 
 
 def _data(n: int = 8, d: int = 4, k: int = 3, seed: int = 0):
@@ -256,7 +239,7 @@ def test_hvp_matches_jax_hessian():
     model = _regularized_mlp()
     model.compile("sgd", "sparse_categorical_crossentropy")
     weights = [np.asarray(v.value) for v in model.trainable_variables]
-    hvp = seht_backend.get().HessianVectorProduct(model, x, y)
+    hvp = HessianOperator(model, x, y)
     before = [np.asarray(v.value) for v in model.variables]
 
     rng = np.random.default_rng(3)
@@ -267,10 +250,10 @@ def test_hvp_matches_jax_hessian():
     loss = float(_reference_loss(theta, x, y))
     got = np.concatenate([np.ravel(h) for h in hvp(vec)])
     np.testing.assert_allclose(got, hessian @ flat, rtol=1e-4, atol=1e-6)
-    assert hvp.quadratic_form(vec) == pytest.approx(
+    assert quadratic_forms(hvp, hvp.shapes, [vec])[0] == pytest.approx(
         float(flat @ hessian @ flat), rel=1e-4
     )
-    assert hvp.loss == pytest.approx(loss, rel=1e-6)
+    assert hvp.products.loss == pytest.approx(loss, rel=1e-6)
     diag = np.concatenate([np.ravel(d) for d in hvp.diagonal(chunk_size=7)])
     np.testing.assert_allclose(diag, np.diag(hessian), rtol=1e-4, atol=1e-6)
     for b, v in zip(before, model.variables):
@@ -357,7 +340,7 @@ class ClippedTanh(keras.layers.Layer):
 def test_custom_gradient_layer_trains_forward_over_reverse():
     # A custom_vjp has no forward mode: the step must detect it and take
     # its Hessian-vector products forward-over-reverse (which uses the
-    # custom backward rule), the same products as `HessianVectorProduct`.
+    # custom backward rule), the same products as `HessianOperator`.
     x, y = _data()
     model = keras_seht.Sequential(
         [
@@ -376,8 +359,10 @@ def test_custom_gradient_layer_trains_forward_over_reverse():
         loss="sparse_categorical_crossentropy",
         seht=FixedProbes([probe], strength=STRENGTH),
     )
-    hvp = seht_backend.get().HessianVectorProduct(model, x, y, training=True)
-    expected = hvp.quadratic_form([jnp.asarray(p, "float32") for p in probe])
+    hvp = HessianOperator(model, x, y, training=True)
+    (expected,) = quadratic_forms(
+        hvp, hvp.shapes, [[jnp.asarray(p, "float32") for p in probe]]
+    )
 
     logs = model.train_on_batch(x, y, return_dict=True)
 

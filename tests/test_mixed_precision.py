@@ -14,32 +14,20 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import compile_plain, make_data, tanh_mlp
+from conftest import (
+    FixedProbes,
+    compile_plain,
+    make_data,
+    rademacher_probe,
+    tanh_mlp,
+)
 
 import keras_seht
-from keras_seht.estimators import CurvatureEstimator
-
-
-class FixedProbe(CurvatureEstimator):
-    """Always returns the same probe (one numpy array per weight)."""
-
-    def __init__(self, probe, strength):
-        super().__init__(max_iter=1, strength=strength)
-        self.probe = probe
-
-    def sample_probes(self, layout, seed=None, dtype="float32"):
-        return [keras.ops.convert_to_tensor(p, dtype) for p in self.probe]
 
 
 def _probe(model, seed=0, fill=None):
-    rng = np.random.default_rng(seed)
-    probe = []
-    for v in model.trainable_variables:
-        p = rng.choice([-1.0, 1.0], size=v.shape).astype("float32")
-        if fill is not None:
-            p[...] = fill
-        probe.append(p)
-    return probe
+    shapes = [v.shape for v in model.trainable_variables]
+    return rademacher_probe(shapes, np.random.default_rng(seed), fill)
 
 
 def _one_step(optimizer, probe=None, fill=None):
@@ -47,7 +35,7 @@ def _one_step(optimizer, probe=None, fill=None):
     x, y = make_data(n=16)
     model = tanh_mlp()
     probe = _probe(model, fill=fill) if probe is None else probe
-    compile_plain(model, optimizer=optimizer, seht=FixedProbe(probe, 0.3))
+    compile_plain(model, optimizer=optimizer, seht=FixedProbes([probe], 0.3))
     before = [np.array(w) for w in model.get_weights()]
     history = model.fit(x, y, epochs=1, batch_size=16, shuffle=False, verbose=0)
     after = model.get_weights()

@@ -13,6 +13,7 @@ from conftest import compile_plain, make_data, tanh_mlp
 import keras_seht
 from keras_seht import spectrum
 from keras_seht.callbacks.monitor import CurvatureMonitor
+from keras_seht.operators import HessianOperator
 from keras_seht.plotting import plot_curvature
 
 KEYS = (
@@ -57,7 +58,8 @@ def _monitor(**kwargs):
 
 
 def _dense_hessian(model, x, y):
-    matvec, shapes = spectrum._hessian_operator(model, x, y, None, False)
+    matvec = HessianOperator(model, x, y)
+    shapes = matvec.shapes
     n = sum(math.prod(s) for s in shapes)
     flat = spectrum._FlatOperator(matvec, shapes)
     hessian = np.stack([flat(e) for e in np.eye(n)], axis=1)
@@ -94,7 +96,8 @@ def test_values_match_spectrum_functions_and_exact_trace():
     x, y = _probe()
     # The measurement (call index 0: seed 5 + 0) is at the final weights.
     seed = 5
-    matvec, shapes = spectrum._hessian_operator(model, x, y, None, False)
+    matvec = HessianOperator(model, x, y)
+    shapes = matvec.shapes
     trace, std_error = spectrum.hutchinson_trace(
         matvec, shapes, samples=40, seed=seed
     )

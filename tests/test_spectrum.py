@@ -19,8 +19,8 @@ import pytest
 from conftest import compile_plain, image_data, make_data, tanh_mlp, tiny_cnn
 
 import keras_seht
+from keras_seht.operators import HessianOperator
 from keras_seht.spectrum import (
-    _hessian_operator,
     hessian_top_eigenvalue,
     hessian_trace_hutchpp,
     hutchinson_trace,
@@ -81,7 +81,8 @@ def hutchinson_variance(a):
 
 def dense_hessian(model, x, y):
     """The loss Hessian from HVPs of the basis vectors, symmetrized."""
-    matvec, shapes = _hessian_operator(model, x, y, None, False)
+    matvec = HessianOperator(model, x, y)
+    shapes = matvec.shapes
     sizes = [math.prod(s) for s in shapes]
     n = sum(sizes)
     columns = []
@@ -342,7 +343,8 @@ class TestSmallMLP:
         # Small budgets, several seeds: the mean is within Z standard
         # errors of the exact trace (unbiased).
         # (One operator for all seeds: a JAX HVP compiles once per object.)
-        matvec, shapes = _hessian_operator(model, x, y, None, False)
+        matvec = HessianOperator(model, x, y)
+        shapes = matvec.shapes
         draws = [
             hutchpp_trace(matvec, shapes, samples=15, seed=s) for s in range(12)
         ]
@@ -354,7 +356,7 @@ class TestSmallMLP:
         x, y = image_data()
         model(x)
         before = weights_of(model)
-        # Both functions evaluate the loss through `_hessian_operator`.
+        # Both functions evaluate the loss through `HessianOperator`.
         hessian_top_eigenvalue(model, x, y, iters=3, training=True)
         for a, b in zip(before, weights_of(model)):
             np.testing.assert_array_equal(a, b)

@@ -11,7 +11,6 @@ curvature regularization, ``seht=...``.
   recurrent layers `SEHTLSTM` / `SEHTGRU`.
 
 Example:
-
 >>> import keras, keras_seht
 >>> from keras_seht.applications import resnet18_cifar
 >>> model = resnet18_cifar(width=16)

@@ -40,6 +40,7 @@ class SeedSequence:
         self._count = 0
 
     def __call__(self) -> int | None:
+        """The next seed (the base seed plus the call count), or None."""
         if self._seed is None:
             return None
         self._count += 1
@@ -47,8 +48,11 @@ class SeedSequence:
 
 
 def conv_initializer(seed: int | None) -> keras.initializers.Initializer:
-    """He-normal (``kaiming_normal_``, fan_out, ReLU gain), as the PyTorch
-    reference CIFAR ResNets and WRNs initialize their convolutions."""
+    """He-normal initializer (``kaiming_normal_``, fan_out, ReLU gain).
+
+    The PyTorch reference CIFAR ResNets and WRNs initialize their
+    convolutions so.
+    """
     return keras.initializers.VarianceScaling(
         scale=2.0, mode="fan_out", distribution="untruncated_normal", seed=seed
     )
@@ -149,9 +153,11 @@ def image_input(
 def drop_block(
     x: Any, keep_prob: float, block_size: int, name: str, seed: int | None
 ) -> Any:
-    """A `keras_seht.layers.DropBlock2D` after `x` (training only). Its
-    `seed` is apart from the initializers' `SeedSequence`, so adding
-    DropBlock leaves the initial weights of a seeded model unchanged."""
+    """A `keras_seht.layers.DropBlock2D` after `x` (training only).
+
+    Its `seed` is apart from the initializers' `SeedSequence`, so adding
+    DropBlock leaves the initial weights of a seeded model unchanged.
+    """
     from keras_seht.layers import DropBlock2D
 
     return DropBlock2D(
@@ -257,7 +263,6 @@ def resnet18_cifar(
         ``(batch, num_classes)``; ``compile(seht=...)`` works on it.
 
     Example:
-
     >>> import keras, keras_seht
     >>> from keras_seht.applications import resnet18_cifar
     >>> model = resnet18_cifar(num_classes=10, width=16)

@@ -72,16 +72,20 @@ class _SEHTRecurrent:
 
 @keras.saving.register_keras_serializable(package="keras_seht")
 class SEHTLSTM(_SEHTRecurrent, keras.layers.LSTM):
-    """``keras.layers.LSTM`` made fit for SEHT training on every backend:
-    its ``stateful`` state carries over on JAX, and on TensorFlow it keeps
-    the train step out of XLA (see `rnn_language_model`)."""
+    """``keras.layers.LSTM`` made fit for SEHT training on every backend.
+
+    Its ``stateful`` state carries over on JAX, and on TensorFlow it keeps
+    the train step out of XLA (see `rnn_language_model`).
+    """
 
 
 @keras.saving.register_keras_serializable(package="keras_seht")
 class SEHTGRU(_SEHTRecurrent, keras.layers.GRU):
-    """``keras.layers.GRU`` made fit for SEHT training on every backend:
-    its ``stateful`` state carries over on JAX, and on TensorFlow it keeps
-    the train step out of XLA (see `rnn_language_model`)."""
+    """``keras.layers.GRU`` made fit for SEHT training on every backend.
+
+    Its ``stateful`` state carries over on JAX, and on TensorFlow it keeps
+    the train step out of XLA (see `rnn_language_model`).
+    """
 
 
 _RNN_LAYERS: dict[str, type[keras.layers.RNN]] = {
@@ -218,7 +222,6 @@ def rnn_language_model(
         ``compile(seht=...)`` works on it.
 
     Example:
-
     >>> import keras, keras_seht
     >>> from keras_seht.applications import rnn_language_model
     >>> model = rnn_language_model(
@@ -314,7 +317,6 @@ def reset_rnn_states(model: keras.Model) -> None:
     `rnn_language_model`. Nested models are searched too.
 
     Example:
-
     >>> import keras
     >>> from keras_seht.applications import (
     ...     reset_rnn_states, rnn_language_model)

@@ -131,7 +131,6 @@ def wide_resnet(
         ``(batch, num_classes)``; ``compile(seht=...)`` works on it.
 
     Example:
-
     >>> import keras, keras_seht
     >>> from keras_seht.applications import wide_resnet
     >>> model = wide_resnet(depth=10, width=1, dropout=0.3, num_classes=100)

@@ -1,8 +1,13 @@
 """The per-backend autodiff of SEHT, chosen by ``keras.config.backend()``.
 
-Each backend module provides ``train_step(model, data)`` and a
-``HessianVectorProduct(model, x, y, sample_weight, training)`` class with
-``__call__(vectors)``, ``quadratic_form(vectors)`` and ``diagonal()``.
+Each backend module provides only autodiff: a ``StepRun`` (the
+primitives of the one train step of `keras_seht.step`: the step context
+of `keras_seht.context`, "differentiate this objective", the fallback
+gradients, applying the optimizer) and a
+``CurvatureProducts(model, x, y, sample_weight, training)`` class for the
+diagnostics: ``hvp``, ``jvp``, ``vjp`` and ``output_hvp`` (with batched
+``*_rows`` forms) at a fixed batch, from which `keras_seht.operators`
+builds the Hessian and Gauss-Newton operators.
 """
 
 from __future__ import annotations

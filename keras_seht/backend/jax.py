@@ -1,9 +1,10 @@
-r"""SEHT autodiff on the JAX backend.
+r"""SEHT autodiff on the JAX backend: the step's primitives.
 
-The train step replaces Keras' ``JAXTrainer.train_step`` and has the same
-stateless signature, ``train_step(model, state, data) -> (logs, state)``,
-so it runs under ``jax.jit`` (the Keras default), eagerly, and under a
-``keras.distribution`` (XLA partitions the compiled step like Keras' own).
+The step's logic lives in `keras_seht.step`; this module gives it the
+stateless JAX form of Keras' ``JAXTrainer.train_step``, ``(logs, state)``
+from ``(state, data)``, so it runs under ``jax.jit`` (the Keras default),
+eagerly, and under a ``keras.distribution`` (XLA partitions the compiled
+step like Keras' own).
 
 The loss is evaluated as a pure function of the trainable *values*,
 
@@ -31,20 +32,13 @@ For each probe :math:`\sigma_k` the quadratic form is taken
 two nested forward-mode passes through the forward computation alone (no
 Hessian-vector product of the backward pass), whose primal is the
 ordinary forward pass: f(w) and its aux come out of the same
-computation. Then
-
-.. math::
-
-    t = \frac{1}{K} \sum_k \sigma_k^\top H \sigma_k,
-
-and the update direction is ONE reverse-mode pass over that computation
-(``jax.vjp`` of :math:`L + \text{strength}\cdot t`: a third-order
-derivative of :math:`L`). Measured on a CIFAR ResNet-18 (XLA, CPU), this
-is about 2.4x faster than reverse over a forward-over-reverse HVP, with
-the same values. The probes do not depend on :math:`w`, so they are drawn
-once, before differentiating. A model whose loss contains a
-``custom_vjp`` (``keras.ops.custom_gradient``, quantized Dense layers),
-which has no forward mode, keeps the former forward-over-reverse HVP,
+computation. The objective :math:`s L + \sum_j \text{strength}_j
+\phi_j(s R_j)` is then differentiated by ONE reverse-mode pass
+(``jax.vjp``: a third-order derivative of :math:`L`). Measured on a CIFAR
+ResNet-18 (XLA, CPU), this is about 2.4x faster than reverse over a
+forward-over-reverse HVP, with the same values. A model whose loss
+contains a ``custom_vjp`` (``keras.ops.custom_gradient``, quantized Dense
+layers), which has no forward mode, keeps the forward-over-reverse HVP,
 :math:`H\sigma_k = \texttt{jax.jvp}(\nabla f, (w,), (\sigma_k,))_1`,
 which needs only the custom backward rule (`probe_estimate`).
 
@@ -55,22 +49,14 @@ does. Skipping the untouched layers at run time would take a
 XLA:CPU runs a ResNet's gradient about 9x slower inside a conditional
 than outside (measured), which costs more than the branch saves.
 
-State handling mirrors Keras: the probes are drawn from the model's
-``seht_seed_generator`` inside a ``keras.StatelessScope`` over the
+State handling mirrors Keras: the plan's random draws come from the
+model's ``seht_seed_generator`` inside a ``keras.StatelessScope`` over the
 non-trainable values (the advanced seed comes back in the returned state);
 the single training-mode forward pass yields the new non-trainable values
 (BatchNorm moving statistics and Dropout seeds advance exactly once per
-step, and the same Dropout mask is used for :math:`L` and :math:`t`).
-
-With a ``LossScaleOptimizer`` (``mixed_float16``), :math:`f` is the
-*scaled* loss, as in Keras: :math:`\nabla f`, :math:`H\sigma` and the
-update direction are all scaled by the same factor, which the optimizer
-removes, and the logged trace is divided by it. A non-finite t is then
-treated as an overflow of the scaled HVP: the optimizer receives a
-non-finite gradient, so it skips the step and lowers its scale, as it does
-for any overflow (without this, the scale and t would stay overflowing).
-Without loss scaling, a non-finite t makes the step apply the plain loss
-gradient. Either way the step counts in ``seht_skipped``.
+step, and the same Dropout mask is used for :math:`L` and :math:`t`). The
+plain loss gradient that replaces a non-finite objective's is computed
+inside a ``jax.lax.cond``, only when it is needed.
 """
 
 from __future__ import annotations
@@ -82,14 +68,9 @@ import jax.numpy as jnp
 import keras
 
 from keras_seht import _keras_compat as compat
-from keras_seht import functional
-from keras_seht.penalties import (
-    ConfidencePenalty,
-    GradientNorm,
-    Jacobian,
-    flatten_outputs,
-    float_inputs,
-)
+from keras_seht import functional, step
+from keras_seht.context import StepPlan
+from keras_seht.penalties import flatten_outputs, float_inputs
 
 State = tuple[list[Any], list[Any], list[Any], list[Any]]
 
@@ -118,32 +99,6 @@ def _draw(
         scope, model.non_trainable_variables, non_trainable_values
     )
     return result, new_values
-
-
-def _draw_probes(
-    model: keras.Model,
-    non_trainable_values: Sequence[Any],
-    dtypes: Sequence[Any],
-) -> tuple[list[jax.Array], list[Any]]:
-    """Draws ``max_iter`` probes, stacked along a leading axis per variable."""
-    estimator = model.seht_estimator
-
-    def draw() -> list[Any]:
-        return [
-            estimator.sample_probes(
-                model.seht_layout,
-                seed=model.seht_seed_generator,
-                dtype=dtypes[0],
-            )
-            for _ in range(estimator.max_iter)
-        ]
-
-    probes, new_values = _draw(model, non_trainable_values, draw)
-    stacked = [
-        jnp.stack([jnp.asarray(p[i], dtypes[i]) for p in probes])
-        for i in range(len(dtypes))
-    ]
-    return stacked, new_values
 
 
 def _loss_scale(model: keras.Model, optimizer_values: Sequence[Any]) -> Any:
@@ -281,8 +236,10 @@ def gauss_newton_estimate(
 
 
 def _has_custom_vjp(fn: Callable[[Any], Any], *args: Any) -> bool:
-    """Whether ``fn(*args)`` traces to a ``custom_vjp`` call anywhere
-    (nested jaxprs of control flow and calls included)."""
+    """Whether ``fn(*args)`` traces to a ``custom_vjp`` call anywhere.
+
+    Nested jaxprs of control flow and calls included.
+    """
 
     def walk(jaxpr: Any) -> bool:
         for eqn in jaxpr.eqns:
@@ -299,282 +256,319 @@ def _has_custom_vjp(fn: Callable[[Any], Any], *args: Any) -> bool:
     return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def train_step(
-    model: keras.Model, state: State, data: Any
-) -> tuple[Any, State]:
-    """One SEHT step: the stateless counterpart of ``JAXTrainer.train_step``.
+class _Context:
+    """The step context (`keras_seht.context.StepContext`) at weights `w`.
 
-    Minimizes L + sum_j strength_j R_j over the penalties of
-    ``model.seht_penalties``, all from one forward pass: the SEHT estimate
-    by `curvature_estimate`, ``GradientNorm`` from the loss gradient,
-    ``Jacobian`` by a ``jax.vjp`` of the outputs with respect to the
-    inputs, ``ConfidencePenalty`` from the outputs.
+    Built inside the objective that `StepRun.differentiate` hands to
+    ``jax.vjp``, so everything it gives is differentiable in `w`. The
+    forward pass is computed once: by the exact Hessian quadratic form
+    (whose primal it is), the Gauss-Newton one, or on its own.
+    """
+
+    def __init__(self, run: StepRun, plan: StepPlan, w: list[Any]) -> None:
+        self.model, self.x, self.y = run.model, run.x, run.y
+        self.sample_weight, self.scale = run.sample_weight, run.scale
+        self._run, self._plan, self._w = run, plan, w
+        self._grads = None
+        self._t = None
+        probes = run.stacked_probes or []
+        if run.exact_hessian and run.forward_over_forward:
+            self._t, (scaled_loss, extra) = curvature_estimate(
+                run.base_fn, w, probes
+            )
+        elif run.exact_hessian:  # the loss gradient comes with the HVPs
+            self._t, (scaled_loss, self._grads, extra) = probe_estimate(
+                run.base_fn, w, probes
+            )
+        elif probes and plan.epsilon is None:
+            self._t, (scaled_loss, extra) = gauss_newton_estimate(
+                run.base_fn, w, probes, run.output_loss
+            )
+        else:
+            scaled_loss, extra = run.base_fn(w)
+        self.aux, self._products = extra
+        self.outputs = self.aux[1]
+        self.live_loss = scaled_loss
+        self.scaled_loss = (
+            jax.lax.stop_gradient(scaled_loss)
+            if plan.constant_loss
+            else scaled_loss
+        )
+
+    def loss_gradient(self) -> list[Any]:
+        if self._grads is None:
+            base_fn = self._run.base_fn
+            self._grads = jax.grad(lambda v: base_fn(v)[0])(self._w)
+        return self._grads
+
+    def quadratic_form(self) -> Any:
+        return self._t
+
+    def perturbed_loss(self) -> Any:
+        # The losses at w +- e sigma_k, run with the step's non-trainable
+        # values (same Dropout masks); their state updates are dropped.
+        plan, run = self._plan, self._run
+        probes = run.stacked_probes or []
+        epsilon = float(plan.epsilon or 0.0)
+        count = len(plan.probes or [])
+        total = 0.0
+        for k in range(count):
+            probe = [p[k] for p in probes]
+            for shift in (epsilon, -epsilon):
+                shifted = functional.shifted(self._w, probe, shift)
+                total = total + run.loss_fn(shifted, run.leaves)[0]
+        return total / count
+
+    def input_products(self) -> list[list[Any]]:
+        return self._products
+
+
+class StepRun:
+    """The primitives of one stateless train step (`keras_seht.step`).
 
     Args:
-        model: A compiled keras-seht model with ``model.seht`` set.
+        model: The compiled keras-seht model.
         state: ``(trainable, non_trainable, optimizer, metrics)`` values.
         data: One batch, ``(x, y, sample_weight)`` or a prefix of it.
-
-    Returns:
-        ``(logs, new_state)``.
     """
-    (
-        trainable_values,
-        non_trainable_values,
-        optimizer_values,
-        metrics_values,
-    ) = state
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    penalties = model.seht_penalties
-    estimator = model.seht_estimator
-    jacobian = next((p for p in penalties if isinstance(p, Jacobian)), None)
-    gradient_norm = any(isinstance(p, GradientNorm) for p in penalties)
-    smoothed = estimator is not None and estimator.method != "exact"
 
-    dtypes = [jnp.asarray(v).dtype for v in trainable_values]
-    probes: list[Any] = []
-    if estimator is not None:
-        probes, non_trainable_values = _draw_probes(
-            model, non_trainable_values, dtypes
+    sparse_probes = False
+
+    def __init__(self, model: keras.Model, state: State, data: Any) -> None:
+        self.model = model
+        (
+            self.trainable_values,
+            self.non_trainable_values,
+            self.optimizer_values,
+            self.metrics_values,
+        ) = state
+        self.x, self.y, self.sample_weight = (
+            keras.utils.unpack_x_y_sample_weight(data)
         )
-    scale = _loss_scale(model, optimizer_values)
-    flat_x = keras.tree.flatten(x)
-    positions = float_inputs(x) if jacobian is not None else []
+        built_for = compat.optimizer_variable_count(model.optimizer)
+        if built_for not in (None, len(self.trainable_values)):
+            # Keras' JAX trainer applies the optimizer statelessly, one
+            # slot per variable it was built for: plain Keras fails here
+            # too, with a less helpful message.
+            raise ValueError(
+                "The model's trainable variables changed since its "
+                f"optimizer was built ({built_for} then, "
+                f"{len(self.trainable_values)} now): a layer's `trainable` "
+                "was set after training began. On the JAX backend, compile "
+                "the model again (`model.compile(...)`) after changing "
+                "`trainable`."
+            )
+        self.scale = _loss_scale(model, self.optimizer_values)
+        self.leaves: list[Any] = []
+        self._positions: list[int] = []
+        self.stacked_probes: list[Any] | None = None
+        self.exact_hessian = self.forward_over_forward = False
 
-    def loss_fn(w: list[Any], leaves: Sequence[Any]) -> tuple[Any, Any]:
-        # Keras' own stateless loss (scaled by a LossScaleOptimizer).
-        flat = list(flat_x)
-        for i, leaf in zip(positions, leaves):
+    def loss_fn(self, w: list[Any], leaves: Sequence[Any]) -> tuple[Any, Any]:
+        """Keras' own stateless loss (scaled by a LossScaleOptimizer).
+
+        The float inputs at `_positions` are replaced by `leaves`.
+        """
+        flat = list(keras.tree.flatten(self.x))
+        for i, leaf in zip(self._positions, leaves):
             flat[i] = leaf
-        return model.compute_loss_and_updates(
+        return self.model.compute_loss_and_updates(
             w,
-            non_trainable_values,
-            metrics_values,
-            keras.tree.pack_sequence_as(x, flat),
-            y,
-            sample_weight,
+            self.non_trainable_values,
+            self.metrics_values,
+            keras.tree.pack_sequence_as(self.x, flat),
+            self.y,
+            self.sample_weight,
             training=True,
-            optimizer_variables=optimizer_values,
+            optimizer_variables=self.optimizer_values,
         )
 
-    leaves = [flat_x[i] for i in positions]
-    projections: list[Any] = []
-    if jacobian is not None:
-        z_spec = jax.eval_shape(
-            lambda: flatten_outputs(loss_fn(trainable_values, leaves)[1][1])
+    def base_fn(self, w: list[Any]) -> tuple[Any, Any]:
+        """The step's forward pass: w -> (s L, (aux, input products))."""
+        cotangents = self._plan.input_cotangents
+        if cotangents is None:
+            scaled_loss, aux = self.loss_fn(w, self.leaves)
+            return scaled_loss, (aux, None)
+
+        def outputs(inputs: Sequence[Any]) -> tuple[Any, Any]:
+            scaled_loss, aux = self.loss_fn(w, inputs)
+            return flatten_outputs(aux[1]), (scaled_loss, aux)
+
+        z, vjp_fn, (scaled_loss, aux) = jax.vjp(
+            outputs, self.leaves, has_aux=True
         )
-        (projections, weight), non_trainable_values = _draw(
-            model,
+        products = [vjp_fn(jnp.asarray(v, z.dtype))[0] for v in cotangents]
+        return scaled_loss, (aux, products)
+
+    def output_loss(self, z: Any) -> Any:
+        """The compiled loss of the outputs z (scaled like f).
+
+        Its metric trackers' updates are discarded.
+
+        The scope maps the metric variables to the step's values: inside
+        Keras' compiled JAX step the variables hold no value of their own
+        (a multi-output loss updates its per-output loss trackers).
+        """
+        mapping = list(zip(self.model.metrics_variables, self.metrics_values))
+        with keras.StatelessScope(state_mapping=mapping):
+            loss = compat.compiled_loss(
+                self.model, self.y, z, self.sample_weight
+            )
+        return loss * self.scale
+
+    def _output_shape(self) -> tuple[Any, int]:
+        spec = jax.eval_shape(
+            lambda w: flatten_outputs(self.loss_fn(w, self.leaves)[1][1]),
+            self.trainable_values,
+        )
+        return spec.shape[0], int(spec.shape[1])
+
+    def differentiate(
+        self,
+        make_plan: Callable[[Callable[[], Any]], StepPlan],
+        evaluate: Callable[[Any], tuple[list[Any], Any]],
+    ) -> tuple[Any, list[Any]]:
+        """One forward pass and the objective's gradient; see `StepRun`."""
+        plan, self.non_trainable_values = _draw(
+            self.model,
+            self.non_trainable_values,
+            lambda: make_plan(self._output_shape),
+        )
+        self._plan = plan
+        if plan.input_cotangents is not None:
+            self._positions = float_inputs(self.x)
+            flat = keras.tree.flatten(self.x)
+            self.leaves = [flat[i] for i in self._positions]
+        w = self.trainable_values
+        if plan.probes is not None:
+            dtypes = [jnp.asarray(v).dtype for v in w]
+            self.stacked_probes = [
+                jnp.stack([jnp.asarray(p[i], dtypes[i]) for p in plan.probes])
+                for i in range(len(w))
+            ]
+        self.exact_hessian = (
+            plan.probes is not None
+            and plan.epsilon is None
+            and plan.curvature == "hessian"
+        )
+        # A custom_vjp (``keras.ops.custom_gradient``, quantized Dense
+        # layers) has no forward mode, and the failure only shows when XLA
+        # lowers the step: such models keep forward-over-reverse, which
+        # needs only the custom backward rule.
+        self.forward_over_forward = self.exact_hessian and not _has_custom_vjp(
+            lambda v: self.base_fn(v)[0], w
+        )
+
+        def objective(w: list[Any]) -> tuple[Any, Any]:
+            context = _Context(self, plan, w)
+            values, penalty = evaluate(context)
+            return (context.scaled_loss, penalty), (
+                values,
+                context._grads,
+                context.aux,
+            )
+
+        # One forward (and its tapes) and one cotangent (1, 1): the
+        # objective's gradient.
+        (scaled_loss, _), vjp_fn, (values, grads, aux) = jax.vjp(
+            objective, w, has_aux=True
+        )
+        one = jnp.ones_like(scaled_loss)
+        self._total_grads = vjp_fn((one, one))[0]
+        self._loss_grads = grads
+        self._aux = aux
+        return aux[0], values
+
+    def gradients(self, finite: Any, overflow: bool) -> list[Any]:
+        """The update direction; see `StepRun.gradients`."""
+        total = self._total_grads
+        if overflow:
+            # A non-finite t under loss scaling is (almost always) an
+            # overflow of the scaled HVP: a non-finite gradient makes the
+            # optimizer skip the update and lower the scale.
+            fallback = [jnp.full_like(g, jnp.nan) for g in total]
+        elif self._loss_grads is not None:
+            fallback = self._loss_grads
+        else:
+            # Computed (inside the cond) only when needed. Not as
+            # vjp_fn((1, 0)): a zero cotangent times a non-finite tangent
+            # of the forward-over-forward pass would still be NaN.
+            def plain() -> list[Any]:
+                return jax.grad(lambda v: self.loss_fn(v, self.leaves)[0])(
+                    self.trainable_values
+                )
+
+            fallback = jax.lax.cond(
+                finite, lambda: [jnp.zeros_like(g) for g in total], plain
+            )
+        # Select, never multiply: 0 * NaN would still be NaN.
+        return [jnp.where(finite, t, f) for t, f in zip(total, fallback)]
+
+    def apply(
+        self, gradients: list[Any], total: Any, values: list[Any], finite: Any
+    ) -> tuple[Any, State]:
+        """Applies the optimizer, trackers and metrics; see `StepRun.apply`."""
+        model = self.model
+        _, y_pred, non_trainable_values, metrics_values = self._aux
+        trainable_values, optimizer_values = model.optimizer.stateless_apply(
+            self.optimizer_values, gradients, self.trainable_values
+        )
+        mapping = list(zip(model.metrics_variables, metrics_values))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            step.update_trackers(model, self.x, total, values, finite)
+            logs = model.compute_metrics(
+                self.x, self.y, y_pred, self.sample_weight
+            )
+        metrics_values = functional.scope_values(
+            scope, model.metrics_variables, metrics_values
+        )
+        return logs, (
+            trainable_values,
             non_trainable_values,
-            lambda: jacobian.projections(
-                z_spec.shape, z_spec.dtype, model.seht_seed_generator
-            ),
+            optimizer_values,
+            metrics_values,
         )
 
-    def output_loss(z: Any) -> Any:
-        # The compiled loss of the outputs z (scaled like f); its metric
-        # trackers' updates are discarded.
-        with keras.StatelessScope():
-            return compat.compiled_loss(model, y, z, sample_weight) * scale
 
-    def base_fn(w: list[Any]) -> tuple[Any, Any]:
-        """w -> (scaled L, (aux, {index: scaled first-order R_j}))."""
-        first_order = {}
-        if jacobian is None:
-            scaled_loss, aux = loss_fn(w, leaves)
-        else:
-
-            def outputs(inputs: Sequence[Any]) -> tuple[Any, Any]:
-                scaled_loss, aux = loss_fn(w, inputs)
-                return flatten_outputs(aux[1]), (scaled_loss, aux)
-
-            z, vjp_fn, (scaled_loss, aux) = jax.vjp(
-                outputs, leaves, has_aux=True
-            )
-            products = [vjp_fn(v)[0] for v in projections]
-            first_order[penalties.index(jacobian)] = (
-                jacobian.norm_from_products(products, weight, z.shape[0])
-                * scale
-            )
-        for j, penalty in enumerate(penalties):
-            if isinstance(penalty, ConfidencePenalty):
-                first_order[j] = (
-                    penalty.value(model, aux[1], sample_weight) * scale
-                )
-        return scaled_loss, (aux, first_order)
-
-    # A custom_vjp (``keras.ops.custom_gradient``, quantized Dense layers)
-    # has no forward mode, and the failure only shows when XLA lowers the
-    # step: such models keep forward-over-reverse, which needs only the
-    # custom backward rule.
-    forward_over_forward = (
-        estimator is not None
-        and estimator.curvature == "hessian"
-        and not smoothed
-        and not _has_custom_vjp(lambda w: base_fn(w)[0], trainable_values)
-    )
-
-    def objective(w: list[Any]) -> tuple[Any, Any]:
-        """w -> ((scaled L, sum_j strength_j scaled R_j), by-products)."""
-        grads = None
-        if estimator is not None and estimator.curvature == "gauss_newton":
-            scaled_t, (scaled_loss, (aux, first_order)) = gauss_newton_estimate(
-                base_fn, w, probes, output_loss
-            )
-            if gradient_norm:
-                grads = jax.grad(lambda v: base_fn(v)[0])(w)
-        elif smoothed:
-            # t_eps from the losses at w +- e sigma_k, run with the step's
-            # non-trainable values (same Dropout masks); their updates are
-            # dropped. Antithetic: the loss at w gets no gradient, so
-            # L + strength t_eps differentiates as (L+ + L-) / 2 alone.
-            scaled_loss, (aux, first_order) = base_fn(w)
-            if gradient_norm:
-                grads = jax.grad(lambda v: base_fn(v)[0])(w)
-            epsilon = estimator.step_epsilon
-            count = estimator.max_iter  # probes: a leading probe axis
-            pair = (
-                sum(
-                    loss_fn(
-                        functional.shifted(w, [p[k] for p in probes], s), leaves
-                    )[0]
-                    for k in range(count)
-                    for s in (epsilon, -epsilon)
-                )
-                / count
-            )
-            if estimator.method == "antithetic":
-                scaled_loss = jax.lax.stop_gradient(scaled_loss)
-            scaled_t = (pair - 2.0 * scaled_loss) / epsilon**2
-        elif estimator is not None:
-            if forward_over_forward:
-                scaled_t, (scaled_loss, (aux, first_order)) = (
-                    curvature_estimate(base_fn, w, probes)
-                )
-                if gradient_norm:
-                    grads = jax.grad(lambda v: base_fn(v)[0])(w)
-            else:  # the loss gradient comes with the HVPs
-                scaled_t, (scaled_loss, grads, (aux, first_order)) = (
-                    probe_estimate(base_fn, w, probes)
-                )
-        elif gradient_norm:
-            (scaled_loss, (aux, first_order)), grads = jax.value_and_grad(
-                base_fn, has_aux=True
-            )(w)
-        else:
-            scaled_loss, (aux, first_order) = base_fn(w)
-        scaled_values = []
-        for j, penalty in enumerate(penalties):
-            if penalty is estimator:
-                scaled_values.append(scaled_t)
-            elif isinstance(penalty, GradientNorm):
-                assert grads is not None  # gradient_norm: computed above
-                scaled_values.append(_dot(grads, grads) / scale)
-            elif j in first_order:
-                scaled_values.append(first_order[j])
-            else:
-                raise TypeError(f"Unsupported `seht` penalty: {penalty!r}")
-        penalty_sum = sum(
-            p.strength * p.objective_value(v)
-            for p, v in zip(penalties, scaled_values)
-        )
-        return (scaled_loss, penalty_sum), (scaled_values, grads, aux)
-
-    # One forward (and its tapes) and one cotangent (1, 1): the
-    # objective's gradient.
-    (scaled_loss, _), vjp_fn, (scaled_values, loss_grads, aux) = jax.vjp(
-        objective, trainable_values, has_aux=True
-    )
-    one = jnp.ones_like(scaled_loss)
-    total_grads = vjp_fn((one, one))[0]
-    if loss_grads is None:
-        # The fallback of a non-finite penalty: the plain loss gradient,
-        # computed (inside the cond) only when it is needed. Not as
-        # vjp_fn((1, 0)): a zero cotangent times a non-finite tangent of
-        # the forward-over-forward pass would still be NaN.
-        def plain_grads() -> list[Any]:
-            return jax.grad(lambda v: loss_fn(v, leaves)[0])(trainable_values)
-
-        loss_grads = jax.lax.cond(
-            jnp.all(jnp.isfinite(jnp.stack(scaled_values))),
-            lambda: [jnp.zeros_like(g) for g in total_grads],
-            plain_grads,
-        )
-    unscaled_loss, y_pred, non_trainable_values, metrics_values = aux
-    values = [v / scale for v in scaled_values]
-    finite = jnp.all(jnp.isfinite(jnp.stack(values)))
-    if isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
-        # A non-finite t under loss scaling is (almost always) an overflow
-        # of the scaled HVP: hand the optimizer a non-finite gradient so
-        # that, as for any overflow, it skips the update and lowers the
-        # scale. Falling back to the finite loss gradient would keep the
-        # scale, and t, overflowing forever.
-        fallback = [jnp.full_like(g, jnp.nan) for g in loss_grads]
-    else:
-        fallback = loss_grads
-    # Select, never multiply: 0 * NaN would still be NaN.
-    grads = [jnp.where(finite, gt, gf) for gt, gf in zip(total_grads, fallback)]
-    penalty_total = sum(
-        p.strength * p.objective_value(v) for p, v in zip(penalties, values)
-    )
-    total_loss = jnp.where(finite, unscaled_loss + penalty_total, unscaled_loss)
-
-    trainable_values, optimizer_values = model.optimizer.stateless_apply(
-        optimizer_values, grads, trainable_values
-    )
-
-    mapping = list(zip(model.metrics_variables, metrics_values))
-    with keras.StatelessScope(state_mapping=mapping) as scope:
-        batch_size = next(
-            i for i in keras.tree.flatten(x) if i is not None
-        ).shape[0]
-        compat.loss_tracker(model).update_state(
-            total_loss, sample_weight=batch_size
-        )
-        model.update_seht_trackers(values, finite)
-        logs = model.compute_metrics(x, y, y_pred, sample_weight)
-    new_metrics_values = functional.scope_values(
-        scope, model.metrics_variables, metrics_values
-    )
-
-    return logs, (
-        trainable_values,
-        non_trainable_values,
-        optimizer_values,
-        new_metrics_values,
-    )
+# --------------------------------------------------------------------------
+# Diagnostics: curvature products at a fixed batch (keras_seht.operators)
+# --------------------------------------------------------------------------
 
 
-class HessianVectorProduct:
-    """Hessian-vector products of the compiled loss at the current weights.
+def _weak(obj: Any) -> Callable[[], Any]:
+    """A weak reference to `obj` (a strong one if it takes none)."""
+    import weakref
 
-    The loss is that of ``model.compute_loss_and_updates`` (compiled loss
-    plus ``model.losses``, unscaled), evaluated statelessly at the current
-    variable values: no weight, BatchNorm statistic, seed or metric of the
-    model changes. Products are forward-over-reverse
-    (``jax.jvp(jax.grad(f), (w,), (v,))``), jit-compiled once per object.
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
+def _flat_leaves(tree: Any) -> jax.Array:
+    """Every leaf of `tree` flattened, concatenated: z as one vector."""
+    return jnp.concatenate([jnp.ravel(z) for z in jax.tree.leaves(tree)])
+
+
+class _CurvatureFunctions:
+    """The jitted pure functions of one model in one mode.
+
+    Every function takes the frozen state ``(trainable, non_trainable,
+    metrics, optimizer)`` values and the batch ``(x, y, sample_weight)``
+    as arguments, so ``jax.jit`` compiles once per input signature and
+    the compilations are shared by every `CurvatureProducts` of the model
+    (a `CurvatureMonitor` measures without recompiling). They reach the
+    model through a weak reference, so the cache does not keep it alive.
     """
 
-    def __init__(
-        self,
-        model: keras.Model,
-        x: Any,
-        y: Any,
-        sample_weight: Any = None,
-        training: bool = False,
-    ) -> None:
-        self.params = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
-        metrics = [v.value for v in model.metrics_variables]
-        optimizer = getattr(model, "optimizer", None)
-        optimizer_values = (
-            [v.value for v in optimizer.variables]
-            if optimizer is not None
-            else None
-        )
+    def __init__(self, model: keras.Model, training: bool, key: tuple) -> None:
+        self.key = [_weak(obj) for obj in key]
+        model_ref = _weak(model)
 
-        def loss_fn(w: list[Any]) -> jax.Array:
-            _, aux = model.compute_loss_and_updates(
+        def loss_fn(w: list[Any], state: Any, batch: Any) -> jax.Array:
+            _, non_trainable, metrics, optimizer_values = state
+            x, y, sample_weight = batch
+            _, aux = model_ref().compute_loss_and_updates(
                 w,
                 non_trainable,
                 metrics,
@@ -586,116 +580,254 @@ class HessianVectorProduct:
             )
             return aux[0]  # the unscaled loss
 
+        def outputs_fn(w: list[Any], state: Any, batch: Any) -> Any:
+            y_pred, _ = model_ref().stateless_call(
+                w, state[1], batch[0], training=training
+            )
+            return y_pred
+
+        def flat_outputs(w: list[Any], state: Any, batch: Any) -> jax.Array:
+            return _flat_leaves(outputs_fn(w, state, batch))
+
+        def output_loss(z: jax.Array, y_pred: Any, batch: Any) -> jax.Array:
+            pieces, offset = [], 0
+            for leaf in jax.tree.leaves(y_pred):
+                piece = z[offset : offset + leaf.size]
+                pieces.append(piece.reshape(leaf.shape))
+                offset += leaf.size
+            packed = jax.tree.unflatten(jax.tree.structure(y_pred), pieces)
+            with keras.StatelessScope():
+                return compat.compiled_loss(
+                    model_ref(), batch[1], packed, batch[2]
+                )
+
         grad_fn = jax.grad(loss_fn)
+        output_grad = jax.grad(output_loss)
 
-        def hvp(w: list[Any], v: list[Any]) -> list[Any]:
-            return jax.jvp(grad_fn, (w,), (v,))[1]
+        def hvp(state: Any, batch: Any, v: list[Any]) -> list[Any]:
+            def grad_at(w: list[Any]) -> list[Any]:
+                return grad_fn(w, state, batch)
 
-        self._hvp = jax.jit(hvp)
-        self._loss_fn = loss_fn
-        self.loss = float(jax.jit(loss_fn)(self.params))
+            return jax.jvp(grad_at, (state[0],), (v,))[1]
 
-    def __call__(self, vectors: Sequence[Any]) -> list[jax.Array]:
-        """H v for one vector given as one tensor per variable."""
-        v = [
-            jnp.asarray(vec, p.dtype).reshape(p.shape)
-            for vec, p in zip(vectors, self.params)
-        ]
-        return list(self._hvp(self.params, v))
+        def hvp_rows(state: Any, batch: Any, rows: jax.Array) -> jax.Array:
+            params = state[0]
+            sizes = [p.size for p in params]
 
-    def quadratic_form(self, vectors: Sequence[Any]) -> float:
-        """v^T H v."""
-        return float(_dot(vectors, self(vectors)))
+            def row(flat: jax.Array) -> jax.Array:
+                pieces, offset = [], 0
+                for p, size in zip(params, sizes):
+                    piece = flat[offset : offset + size]
+                    pieces.append(piece.reshape(p.shape).astype(p.dtype))
+                    offset += size
+                out = hvp(state, batch, pieces)
+                return jnp.concatenate(
+                    [jnp.ravel(h).astype(rows.dtype) for h in out]
+                )
 
-    def diagonal(self, chunk_size: int = 256) -> list[jax.Array]:
-        """The exact Hessian diagonal, by vmapped batches of Hessian rows.
+            return jax.vmap(row)(rows)
 
-        Each chunk pushes ``chunk_size`` basis vectors e_i through one
-        ``vmap`` of the HVP and keeps entry i of row i. The last chunk is
-        padded to the same size so the function compiles once.
-        """
-        shapes = [p.shape for p in self.params]
-        sizes = [int(p.size) for p in self.params]
-        n = sum(sizes)
-        chunk = max(1, min(int(chunk_size), n))
-        params = self.params
-        hvp = self._hvp
-        dtype = jnp.result_type(*params)
+        def jvp(state: Any, batch: Any, v: list[Any]) -> jax.Array:
+            return jax.jvp(
+                lambda w: flat_outputs(w, state, batch), (state[0],), (v,)
+            )[1]
 
-        def unflatten(flat: jax.Array) -> list[jax.Array]:
-            out, offset = [], 0
-            for p, size in zip(params, sizes):
-                piece = flat[offset : offset + size]
-                out.append(piece.reshape(p.shape).astype(p.dtype))
-                offset += size
-            return out
+        def jvp_by_transpose(state: Any, batch: Any, v: list[Any]) -> jax.Array:
+            # J v as the VJP of the (linear) pullback u -> J^T u: reverse
+            # mode only, for losses with a custom_vjp (no forward mode).
+            z, pullback = jax.vjp(
+                lambda w: flat_outputs(w, state, batch), state[0]
+            )
+            _, transpose = jax.vjp(pullback, jnp.zeros_like(z))
+            return transpose((v,))[0]
 
-        @jax.jit
-        def diag_chunk(start: jax.Array) -> jax.Array:
-            idx = start + jnp.arange(chunk)
-            basis = jax.nn.one_hot(idx, n, dtype=dtype)
+        def vjp(state: Any, batch: Any, u: jax.Array) -> list[Any]:
+            z, pullback = jax.vjp(
+                lambda w: flat_outputs(w, state, batch), state[0]
+            )
+            return pullback(u.astype(z.dtype))[0]
 
-            def row(e: jax.Array) -> jax.Array:
-                hv = hvp(params, unflatten(e))
-                return jnp.concatenate([jnp.ravel(h).astype(dtype) for h in hv])
+        def vjp_rows(state: Any, batch: Any, rows: jax.Array) -> jax.Array:
+            z, pullback = jax.vjp(
+                lambda w: flat_outputs(w, state, batch), state[0]
+            )
 
-            rows = jax.vmap(row)(basis)
-            # Padded indices (>= n) hit all-zero rows: clip, drop later.
-            return rows[jnp.arange(chunk), jnp.minimum(idx, n - 1)]
+            def row(u: jax.Array) -> jax.Array:
+                grads = pullback(u.astype(z.dtype))[0]
+                return jnp.concatenate(
+                    [jnp.ravel(g).astype(rows.dtype) for g in grads]
+                )
 
-        pieces = [
-            diag_chunk(jnp.asarray(start, "int32"))
-            for start in range(0, n, chunk)
-        ]
-        diag = jnp.concatenate(pieces)[:n]
-        out, offset = [], 0
-        for shape, size in zip(shapes, sizes):
-            out.append(diag[offset : offset + size].reshape(shape))
-            offset += size
-        return out
+            return jax.vmap(row)(rows)
+
+        def output_hvp(y_pred: Any, batch: Any, u: jax.Array) -> jax.Array:
+            z = _flat_leaves(y_pred)
+            return jax.jvp(
+                lambda z: output_grad(z, y_pred, batch),
+                (z,),
+                (u.astype(z.dtype),),
+            )[1]
+
+        self.loss = jax.jit(
+            lambda state, batch: loss_fn(state[0], state, batch)
+        )
+        self.outputs = jax.jit(
+            lambda state, batch: outputs_fn(state[0], state, batch)
+        )
+        self.hvp = jax.jit(hvp)
+        self.hvp_rows = jax.jit(hvp_rows)
+        self.jvp = jax.jit(jvp)
+        self.jvp_by_transpose = jax.jit(jvp_by_transpose)
+        self.forward_mode = True
+        self.vjp = jax.jit(vjp)
+        self.vjp_rows = jax.jit(vjp_rows)
+        self.output_hvp = jax.jit(output_hvp)
+        self.output_hvp_rows = jax.jit(jax.vmap(output_hvp, (None, None, 0)))
 
 
-def gauss_newton_factors(
-    model: keras.Model,
-    x: Any,
-    y: Any,
-    sample_weight: Any = None,
-    training: bool = False,
-) -> tuple[Any, Any]:
-    """The dense output Jacobian J (M x n) and output Hessian H_z (M x M).
+class _FunctionCache:
+    """Per model (held weakly): {training: _CurvatureFunctions}."""
 
-    M counts every output entry of the batch, n every trainable weight;
-    G = J^T H_z J. ``jax.jacrev`` of the stateless forward pass and
-    ``jax.hessian`` of the compiled loss, at the current weights.
+    def __init__(self) -> None:
+        import weakref
+
+        self.models: Any = weakref.WeakKeyDictionary()
+
+
+_CACHE = _FunctionCache()
+
+
+def _curvature_functions(
+    model: keras.Model, training: bool
+) -> _CurvatureFunctions:
+    """The model's cached functions.
+
+    Rebuilt when it was recompiled or its variables changed.
     """
-    import numpy as np
-
-    params = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-
-    def outputs(w: list[Any]) -> jax.Array:
-        y_pred, _ = model.stateless_call(w, non_trainable, x, training=training)
-        return jnp.concatenate([jnp.ravel(z) for z in jax.tree.leaves(y_pred)])
-
-    y_pred, _ = model.stateless_call(
-        params, non_trainable, x, training=training
+    key = (
+        getattr(model, "_compile_loss", None),
+        getattr(model, "optimizer", None),
+        *model.trainable_variables,
+        *model.non_trainable_variables,
     )
-    leaves = jax.tree.leaves(y_pred)
-    jac = jax.jit(jax.jacrev(outputs))(params)
-    m = int(sum(z.size for z in leaves))
-    jacobian = np.concatenate(
-        [np.asarray(j, "float64").reshape(m, -1) for j in jac], axis=1
-    )
+    try:
+        entries = _CACHE.models.setdefault(model, {})
+    except TypeError:  # not weakly referenceable: no cache
+        return _CurvatureFunctions(model, training, key)
+    entry = entries.get(training)
+    if (
+        entry is None
+        or len(entry.key) != len(key)
+        or any(ref() is not obj for ref, obj in zip(entry.key, key))
+    ):
+        entry = entries[training] = _CurvatureFunctions(model, training, key)
+    return entry
 
-    def output_loss(z_flat: jax.Array) -> jax.Array:
-        pieces, offset = [], 0
-        for z in leaves:
-            pieces.append(z_flat[offset : offset + z.size].reshape(z.shape))
-            offset += z.size
-        packed = jax.tree.unflatten(jax.tree.structure(y_pred), pieces)
-        with keras.StatelessScope():
-            return compat.compiled_loss(model, y, packed, sample_weight)
 
-    flat = jnp.concatenate([jnp.ravel(z) for z in leaves])
-    hessian = np.asarray(jax.hessian(output_loss)(flat), "float64")
-    return jacobian, hessian
+class CurvatureProducts:
+    r"""Curvature products of the compiled loss at a fixed batch.
+
+    The loss is that of ``model.compute_loss_and_updates`` (compiled loss
+    plus ``model.losses``, unscaled), the outputs those of
+    ``model.stateless_call``, both evaluated statelessly at the current
+    variable values: no weight, BatchNorm statistic, seed or metric of the
+    model changes. With :math:`L(w)` the loss, :math:`z(w)` every output
+    entry of the batch flattened (:math:`M` of them) and :math:`\ell(z)`
+    the loss given to ``compile``:
+
+    - ``hvp(v)`` :math:`= \nabla_w^2 L\,v`, forward over reverse
+      (``jax.jvp(jax.grad(L), (w,), (v,))``); ``hvp_rows(V)`` the same,
+      vmapped, for each row of a (k, n) flat ``V``;
+    - ``jvp(v)`` :math:`= Jv \in \mathbb{R}^M`, :math:`J = \partial z /
+      \partial w` (``jax.jvp``; a model with a ``custom_vjp``, which has
+      no forward mode, transposes the VJP instead);
+    - ``vjp(u)`` :math:`= J^\top u`; ``vjp_rows(U)`` for each row of a
+      (k, M) ``U``, flat (k, n);
+    - ``output_hvp(u)`` :math:`= \nabla_z^2 \ell\,u` at :math:`z(w)`;
+      ``output_hvp_rows(U)`` for each row of a (k, M) ``U``.
+
+    The functions are jit-compiled once per model, mode and input
+    signature (`_curvature_functions`), not once per object.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        x: Any,
+        y: Any,
+        sample_weight: Any = None,
+        training: bool = False,
+    ) -> None:
+        self.params = [v.value for v in model.trainable_variables]
+        optimizer = getattr(model, "optimizer", None)
+        self._state = (
+            self.params,
+            [v.value for v in model.non_trainable_variables],
+            [v.value for v in model.metrics_variables],
+            [v.value for v in optimizer.variables]
+            if optimizer is not None
+            else None,
+        )
+        self._batch = (x, y, sample_weight)
+        self._fns = _curvature_functions(model, bool(training))
+        self._y_pred: Any = None
+
+    @property
+    def loss(self) -> float:
+        """The loss L(w) at the frozen weights."""
+        return float(self._fns.loss(self._state, self._batch))
+
+    @property
+    def num_outputs(self) -> int:
+        """M, the number of output entries of the batch."""
+        return int(sum(z.size for z in jax.tree.leaves(self._outputs())))
+
+    def _outputs(self) -> Any:
+        """The outputs z(w) (their pytree), computed once."""
+        if self._y_pred is None:
+            self._y_pred = self._fns.outputs(self._state, self._batch)
+        return self._y_pred
+
+    def _vectors(self, vectors: Sequence[Any]) -> list[jax.Array]:
+        """One array per variable, in its dtype and shape."""
+        return [
+            jnp.asarray(v, p.dtype).reshape(p.shape)
+            for v, p in zip(vectors, self.params)
+        ]
+
+    def hvp(self, vectors: Sequence[Any]) -> list[jax.Array]:
+        """H v, one array per variable."""
+        v = self._vectors(vectors)
+        return list(self._fns.hvp(self._state, self._batch, v))
+
+    def hvp_rows(self, rows: jax.Array) -> jax.Array:
+        """(k, n): row b is H v_b for row v_b of `rows`, flattened."""
+        return self._fns.hvp_rows(self._state, self._batch, jnp.asarray(rows))
+
+    def jvp(self, vectors: Sequence[Any]) -> jax.Array:
+        """J v, (M,)."""
+        v = self._vectors(vectors)
+        if self._fns.forward_mode:
+            try:
+                return self._fns.jvp(self._state, self._batch, v)
+            except TypeError:  # a custom_vjp: no forward mode
+                self._fns.forward_mode = False
+        return self._fns.jvp_by_transpose(self._state, self._batch, v)
+
+    def vjp(self, cotangent: jax.Array) -> list[jax.Array]:
+        """J^T u, one array per variable."""
+        return list(self._fns.vjp(self._state, self._batch, cotangent))
+
+    def vjp_rows(self, rows: jax.Array) -> jax.Array:
+        """(k, n): row b is J^T u_b for row u_b of `rows`, flattened."""
+        return self._fns.vjp_rows(self._state, self._batch, jnp.asarray(rows))
+
+    def output_hvp(self, u: jax.Array) -> jax.Array:
+        """H_z u, (M,)."""
+        return self._fns.output_hvp(self._outputs(), self._batch, u)
+
+    def output_hvp_rows(self, rows: jax.Array) -> jax.Array:
+        """(k, M): row b is H_z u_b for row u_b of `rows`."""
+        return self._fns.output_hvp_rows(
+            self._outputs(), self._batch, jnp.asarray(rows)
+        )

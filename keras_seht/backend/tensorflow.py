@@ -1,45 +1,38 @@
-"""SEHT autodiff on the TensorFlow backend, with nested ``tf.GradientTape``.
+"""SEHT autodiff on the TensorFlow backend: the step's primitives.
 
-The train step replaces Keras' TensorFlow ``train_step`` and runs inside
-the same ``tf.function`` (XLA-compiled when ``jit_compile=True``). Three
-tapes are nested around a single forward pass:
+The step's logic lives in `keras_seht.step`; this module gives it nested
+``tf.GradientTape``s around a single forward pass, inside the same
+``tf.function`` as Keras' own TensorFlow ``train_step`` (XLA-compiled
+when ``jit_compile=True``):
 
-    outer ( middle ( inner ( forward, L ) ; g = dL/dw ; v_k = g . sigma_k )
-            ; h_k = dv_k/dw = H sigma_k ; t = mean_k sigma_k . h_k )
-    dt/dw = outer.gradient(t)
+    outer ( middle ( inner ( forward, f = s L ) ; g = df/dw ;
+            v_k = g . sigma_k ) ; h_k = dv_k/dw = H sigma_k ;
+            R_j from the context )
+    update = g + outer.gradient(sum_j strength_j phi_j(s R_j))
 
 ``inner`` gives the loss gradient g. Because ``inner.gradient`` runs while
 ``middle`` and ``outer`` record, g is itself a differentiable function of
 the weights, and so is every Hessian-vector product ``middle`` takes of it;
-``outer`` then differentiates the trace estimate t (a third derivative of
-L). The loss gradient g is reused for the update, never recomputed:
+``outer`` then differentiates the penalties (a third derivative of L for
+SEHT). The loss gradient g is reused for the update, never recomputed. A
+fourth tape, ``inputs``, watches the float inputs for input products.
 
-    update direction = g + strength * dt/dw.
-
-With a loss-scaling optimizer (``LossScaleOptimizer`` under
-``mixed_float16``, or ``loss_scale_factor``) the scaled loss s * L is
-differentiated, as in Keras' own step: g, t and dt/dw all come out scaled
-by s, the optimizer unscales the update, and the logged t is divided by s.
-A non-finite t under a ``LossScaleOptimizer`` is treated as an overflow:
-the optimizer gets a non-finite gradient, skips the step and lowers its
-scale.
+The plan is made after the forward pass (Keras builds an unbuilt model in
+the first traced forward pass, and the probes need its variables).
+BatchNormalization's batch moments are made twice differentiable for the
+step (``_keras_compat.exact_tf_moments``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import keras
 
 from keras_seht import _keras_compat as compat
-from keras_seht import functional
-from keras_seht.penalties import (
-    ConfidencePenalty,
-    GradientNorm,
-    Jacobian,
-    flatten_outputs,
-    float_inputs,
-)
+from keras_seht import functional, step
+from keras_seht.context import StepPlan
+from keras_seht.penalties import flatten_outputs, float_inputs
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -62,8 +55,9 @@ def _gradient(
     variables: Sequence[Any],
     output_gradients: Any = None,
 ) -> list[tf.Tensor]:
-    """Dense gradients of `target`, zeros where it does not depend on a
-    variable (e.g. dt/dw when the Hessian is constant).
+    """Dense gradients of `target`, zeros for variables it does not depend on.
+
+    E.g. dt/dw when the Hessian is constant.
 
     ``unconnected_gradients=ZERO`` cannot be used with Keras variables
     (TensorFlow reads their ``dtype``, a string in Keras 3), and
@@ -150,264 +144,238 @@ def _gauss_newton_estimate(
     return tf.add_n(values) / len(probes)
 
 
-def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
-    """One step of L + sum_j strength_j R_j (``model.seht`` is not None).
+class _Context:
+    """The step context (`keras_seht.context.StepContext`), on tapes.
 
-    Mirrors ``keras.src.backend.tensorflow.trainer.TensorFlowTrainer.
-    train_step``: one forward pass in training mode (BatchNorm statistics
-    and other state update once), the compiled loss including
-    ``model.losses``, ``optimizer.scale_loss`` before differentiating,
-    ``optimizer.apply``, and ``compute_metrics``. Graph-safe: no Python
-    branch depends on a tensor value, so it compiles with ``tf.function``
-    and XLA. BatchNormalization's batch moments are made twice
-    differentiable for the step (``_keras_compat.exact_tf_moments``).
-
-    The penalties of ``model.seht_penalties`` are recorded by ``outer``:
-    the SEHT estimate from HVPs taken by ``middle``, ``GradientNorm`` from
-    the loss gradient, ``Jacobian`` from input gradients of the outputs
-    taken by a fourth tape (``inputs``) around the forward pass,
-    ``ConfidencePenalty`` from the outputs.
-
-    Returns:
-        The logs of ``model.compute_metrics``.
+    Built while `outer` records, after the forward pass; `middle` recorded
+    the loss gradient g, `inputs` the forward pass from the float inputs.
     """
-    import tensorflow as tf
 
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    penalties = model.seht_penalties
-    estimator = model.seht_estimator
-    jacobian = next((p for p in penalties if isinstance(p, Jacobian)), None)
-    optimizer = model.optimizer
-    num_probes = estimator.max_iter if estimator is not None else 0
-    gauss_newton = (
-        estimator is not None and estimator.curvature == "gauss_newton"
-    )
-    leaves = []
-    if jacobian is not None:
-        flat = keras.tree.flatten(x)
-        leaves = [flat[i] for i in float_inputs(x)]
-    seed = model.seht_seed_generator
-    smoothed = estimator is not None and estimator.method != "exact"
-    # Read before the stateful forward pass: the perturbed passes of the
-    # smoothed methods run with the step's own non-trainable state.
-    non_trainable = (
-        [tf.identity(v.value) for v in model.non_trainable_variables]
-        if smoothed
-        else []
-    )
+    def __init__(self, run: StepRun, plan: StepPlan) -> None:
+        self.model, self.x, self.y = run.model, run.x, run.y
+        self.sample_weight, self.scale = run.sample_weight, run.scale
+        self.outputs, self.scaled_loss = run.y_pred, run.scaled_loss
+        self._run, self._plan = run, plan
 
-    with tf.GradientTape() as outer:
-        with tf.GradientTape(persistent=num_probes > 1) as middle:
-            with (
-                tf.GradientTape(persistent=gauss_newton) as inner,
-                tf.GradientTape(
-                    watch_accessed_variables=False,
-                    persistent=jacobian is not None
-                    and (jacobian.exact or jacobian.n_proj > 1),
-                ) as inputs,
-                compat.exact_tf_moments(),
-            ):
-                inputs.watch(leaves)
-                # Keras' TF trainer builds an unbuilt model here, in the
-                # first traced forward pass: the variables (and so the
-                # probes) are read only after it.
-                if compat.call_has_training_arg(model):
-                    y_pred = model(x, training=True)
-                else:
-                    y_pred = model(x)
-                loss = compat.compute_loss(
-                    model, x, y, y_pred, sample_weight, True
-                )
-                scaled_loss = (
-                    loss if optimizer is None else optimizer.scale_loss(loss)
-                )
-                if jacobian is not None:
-                    # <V_k, Z> must be recorded by the `inputs` tape.
-                    z = flatten_outputs(y_pred)
-                    vectors, weight = jacobian.projections(
-                        tuple(keras.ops.shape(z)), z.dtype, seed
-                    )
-                    projected = [tf.reduce_sum(v * z) for v in vectors]
-            model.check_trainable_weights()
-            trainable = list(model.trainable_weights)
-            scale = _loss_scale(optimizer, scaled_loss.dtype)
-            probes = [
-                estimator.sample_probes(
-                    model.seht_layout, seed=seed, dtype=trainable[0].dtype
-                )
-                for _ in range(num_probes)
-            ]
-            # Recorded by `middle` and `outer`: g stays differentiable.
-            grads = _gradient(inner, scaled_loss, trainable)
-            products = []
-            if not (gauss_newton or smoothed):
-                products = [_dot(grads, sigma) for sigma in probes]
-        # Recorded by `outer`: every R_j stays differentiable.
-        scaled_values = []
-        for penalty in penalties:
-            if penalty is estimator and gauss_newton:
-                value = _gauss_newton_estimate(
-                    model, inner, y, y_pred, sample_weight, probes, scale
-                )
-            elif penalty is estimator and smoothed:
-                # t_eps = (L(w + e s) + L(w - e s) - 2 L(w)) / e^2: its
-                # gradient through `outer` needs first-order passes only.
-                value = _smoothed_trace(
-                    model,
-                    x,
-                    y,
-                    sample_weight,
-                    non_trainable,
-                    probes,
-                    scaled_loss,
-                    scale,
-                )
-            elif penalty is estimator:
-                quadratic_forms = []
-                for sigma, product in zip(probes, products):
-                    h = _gradient(middle, product, trainable)
-                    quadratic_forms.append(_dot(sigma, h))
-                value = tf.add_n(quadratic_forms) / num_probes
-            elif isinstance(penalty, GradientNorm):
-                value = _dot(grads, grads) / scale
-            elif isinstance(penalty, Jacobian):
-                input_grads = [_gradient(inputs, p, leaves) for p in projected]
-                value = scale * penalty.norm_from_products(
-                    input_grads, weight, tf.shape(z)[0]
-                )
-            elif isinstance(penalty, ConfidencePenalty):
-                value = scale * penalty.value(model, y_pred, sample_weight)
-            else:
-                raise TypeError(f"Unsupported `seht` penalty: {penalty!r}")
-            scaled_values.append(tf.cast(value, scale.dtype))
-        objective = tf.add_n(
-            [
-                p.strength * p.objective_value(v)
-                for p, v in zip(penalties, scaled_values)
-            ]
-        )
-    grad_penalty = _gradient(outer, objective, trainable)
-    del middle, inputs, inner
+    def loss_gradient(self) -> list[Any]:
+        return self._run.grads
 
-    values = [v / scale for v in scaled_values]
-    finite = tf.reduce_all(tf.math.is_finite(tf.stack(values)))
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        # A non-finite t under loss scaling is (almost always) an overflow
-        # of the scaled HVP: hand the optimizer a non-finite gradient so
-        # that, as for any overflow, it skips the update and lowers the
-        # scale (the finite loss gradient would keep t overflowing).
-        fallback = [
-            tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype))
-            for g in grads
-        ]
-    else:
-        fallback = grads
-    # tf.where, not a multiplication by 0: NaN * 0 is NaN.
-    gradients = [
-        tf.where(finite, g + tf.cast(gp, g.dtype), gf)
-        for g, gp, gf in zip(grads, grad_penalty, fallback)
-    ]
-    loss = tf.cast(loss, scale.dtype)
-    penalty_total = tf.add_n(
-        [p.strength * p.objective_value(v) for p, v in zip(penalties, values)]
-    )
-    total = tf.where(finite, loss + penalty_total, loss)
+    def quadratic_form(self) -> Any:
+        import tensorflow as tf
 
-    first_input = next(i for i in keras.tree.flatten(x) if i is not None)
-    batch_size = tf.shape(first_input)[0]
-    compat.loss_tracker(model).update_state(
-        _unscale_for_distribution(total), sample_weight=batch_size
-    )
-    model.update_seht_trackers(
-        [_unscale_for_distribution(v) for v in values], finite
-    )
-    optimizer.apply(gradients, trainable)
-    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-
-def _smoothed_trace(
-    model: keras.Model,
-    x: Any,
-    y: Any,
-    sample_weight: Any,
-    non_trainable: Sequence[Any],
-    probes: Sequence[Sequence[Any]],
-    scaled_loss: Any,
-    scale: Any,
-) -> Any:
-    """(mean_k [L(w + e s_k) + L(w - e s_k)] - 2 L(w)) / e^2, scaled."""
-    import tensorflow as tf
-
-    epsilon = model.seht_estimator.step_epsilon
-    trainable = [v.value for v in model.trainable_variables]
-    pairs = []
-    for probe in probes:
-        for step in (epsilon, -epsilon):
-            loss = functional.stateless_loss(
-                model,
-                functional.shifted(trainable, probe, step),
-                non_trainable,
-                x,
-                y,
-                sample_weight,
-                training=True,
-            )[0]
-            pairs.append(tf.cast(loss, scale.dtype) * scale)
-    pair = tf.add_n(pairs) / len(probes)
-    return (pair - 2.0 * tf.cast(scaled_loss, scale.dtype)) / epsilon**2
-
-
-def uniform(
-    shape: Sequence[int],
-    seed: int | keras.random.SeedGenerator | None = None,
-    dtype: str = "float32",
-) -> tf.Tensor:
-    """U[0, 1) samples, fast under XLA on CPU (a drop-in for probes).
-
-    ``keras.random.uniform`` calls ``tf.random.stateless_uniform`` with
-    the default ``alg="auto_select"``, which XLA's CPU backend runs ~50x
-    slower than without XLA (measured: 52 ms vs 1 ms for 784 x 256 draws);
-    SEHT probes draw one number per weight every step. The Philox
-    algorithm, chosen explicitly, is fast with and without XLA. Seeds are
-    consumed like ``keras.random``: a `SeedGenerator` advances by one
-    draw, an int is a fixed seed, None falls back to ``keras.random``.
-    """
-    import tensorflow as tf
-
-    if seed is None:
-        return keras.random.uniform(shape, dtype=dtype)
-    if isinstance(seed, keras.random.SeedGenerator):
-        seed_tensor = tf.convert_to_tensor(seed.next())
-        if seed_tensor.dtype != tf.int32:
-            seed_tensor = tf.cast(
-                tf.math.floormod(seed_tensor, tf.int32.max - 1), tf.int32
+        run, probes = self._run, self._plan.probes or []
+        if self._plan.curvature == "gauss_newton":
+            return _gauss_newton_estimate(
+                self.model,
+                run.inner,
+                self.y,
+                self.outputs,
+                self.sample_weight,
+                probes,
+                self.scale,
             )
-    else:
-        seed_tensor = tf.constant([int(seed), 0], tf.int32)
-    return tf.random.stateless_uniform(
-        shape, seed=seed_tensor, dtype=dtype, alg="philox"
-    )
+        forms = []
+        for sigma, product in zip(probes, run.products):
+            h = _gradient(run.middle, product, run.trainable)
+            forms.append(_dot(sigma, h))
+        return tf.add_n(forms) / len(probes)
+
+    def perturbed_loss(self) -> Any:
+        """The mean_k [f(w + e s_k) + f(w - e s_k)], from stateless passes.
+
+        The passes use the non-trainable values of before the step's forward
+        pass.
+        """
+        import tensorflow as tf
+
+        run, epsilon = self._run, float(self._plan.epsilon or 0.0)
+        probes = self._plan.probes or []
+        trainable = [v.value for v in self.model.trainable_variables]
+        pairs = []
+        for probe in probes:
+            for shift in (epsilon, -epsilon):
+                loss = functional.stateless_loss(
+                    self.model,
+                    functional.shifted(trainable, probe, shift),
+                    run.non_trainable,
+                    self.x,
+                    self.y,
+                    self.sample_weight,
+                    training=True,
+                )[0]
+                pairs.append(tf.cast(loss, self.scale.dtype) * self.scale)
+        return tf.add_n(pairs) / len(probes)
+
+    def input_products(self) -> list[list[Any]]:
+        import tensorflow as tf
+
+        run = self._run
+        if not run.leaves:
+            float_inputs(self.x)  # raises: no floating-point input
+        products = []
+        for v in self._plan.input_cotangents or []:
+            with run.inputs:  # resumed: <V, Z> joins the recorded forward
+                z = flatten_outputs(self.outputs)
+                projected = tf.reduce_sum(tf.cast(v, z.dtype) * z)
+            products.append(_gradient(run.inputs, projected, run.leaves))
+        return products
 
 
-class HessianVectorProduct:
-    """Hessian-vector products of the compiled loss at the current weights.
+class StepRun:
+    """The primitives of one traced train step (`keras_seht.step`)."""
+
+    sparse_probes = False
+
+    def __init__(self, model: keras.Model, data: Any) -> None:
+        self.model = model
+        self.x, self.y, self.sample_weight = (
+            keras.utils.unpack_x_y_sample_weight(data)
+        )
+
+    def differentiate(
+        self,
+        make_plan: Callable[[Callable[[], Any]], StepPlan],
+        evaluate: Callable[[Any], tuple[list[Any], Any]],
+    ) -> tuple[Any, list[Any]]:
+        """One forward pass and the objective's gradient; see `StepRun`."""
+        import tensorflow as tf
+
+        model, optimizer = self.model, self.model.optimizer
+        # The float inputs, as tensors the `inputs` tape can watch.
+        flat = keras.tree.flatten(self.x)
+        self.leaves = []
+        for i, t in enumerate(flat):
+            if t is not None and "float" in str(getattr(t, "dtype", "")):
+                flat[i] = tf.convert_to_tensor(t)
+                self.leaves.append(flat[i])
+        self.x = keras.tree.pack_sequence_as(self.x, flat)
+        # Read before the stateful forward pass: the perturbed passes of
+        # the smoothed methods run with the step's own non-trainable state
+        # (an unbuilt model gets its variables in the forward pass).
+        self.non_trainable = [
+            tf.identity(v.value) for v in model.non_trainable_variables
+        ]
+        self.outer = tf.GradientTape()
+        self.middle = tf.GradientTape(persistent=True)
+        self.inner = tf.GradientTape(persistent=True)
+        self.inputs = tf.GradientTape(
+            watch_accessed_variables=False, persistent=True
+        )
+        with self.outer:
+            with self.middle:
+                with self.inner, self.inputs, compat.exact_tf_moments():
+                    self.inputs.watch(self.leaves)
+                    if compat.call_has_training_arg(model):
+                        y_pred = model(self.x, training=True)
+                    else:
+                        y_pred = model(self.x)
+                    loss = compat.compute_loss(
+                        model, self.x, self.y, y_pred, self.sample_weight, True
+                    )
+                    scaled_loss = optimizer.scale_loss(loss)
+                # Keras builds an unbuilt model in the first traced pass.
+                model.check_trainable_weights()
+                variables = model.non_trainable_variables
+                if len(self.non_trainable) != len(variables):
+                    self.non_trainable = [
+                        tf.identity(v.value)
+                        for v in model.non_trainable_variables
+                    ]
+                self.y_pred, self.loss = y_pred, loss
+                self.scale = _loss_scale(optimizer, scaled_loss.dtype)
+                self.scaled_loss = scaled_loss
+                self.trainable = list(model.trainable_weights)
+
+                def output_shape() -> tuple[Any, int]:
+                    z = flatten_outputs(y_pred)
+                    batch = z.shape[0]
+                    return (
+                        tf.shape(z)[0] if batch is None else int(batch),
+                        int(z.shape[1]),
+                    )
+
+                plan = make_plan(output_shape)
+                # Recorded by `middle` and `outer`: g stays differentiable.
+                self.grads = _gradient(self.inner, scaled_loss, self.trainable)
+                self.products = []
+                if plan.epsilon is None and plan.curvature == "hessian":
+                    self.products = [
+                        _dot(self.grads, sigma) for sigma in plan.probes or []
+                    ]
+            # Recorded by `outer`: every value stays differentiable.
+            values, self.objective = evaluate(_Context(self, plan))
+        self.grad_penalty = _gradient(
+            self.outer, self.objective, self.trainable
+        )
+        del self.middle, self.inputs, self.inner
+        return loss, values
+
+    def gradients(self, finite: Any, overflow: bool) -> list[Any]:
+        """The update direction; see `StepRun.gradients`."""
+        import tensorflow as tf
+
+        if overflow:
+            # A non-finite t under loss scaling is (almost always) an
+            # overflow of the scaled HVP: a non-finite gradient makes the
+            # optimizer skip the update and lower the scale.
+            fallback = [
+                tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype))
+                for g in self.grads
+            ]
+        else:
+            fallback = self.grads
+        # tf.where, not a multiplication by 0: NaN * 0 is NaN.
+        return [
+            tf.where(finite, g + tf.cast(gp, g.dtype), gf)
+            for g, gp, gf in zip(self.grads, self.grad_penalty, fallback)
+        ]
+
+    def apply(
+        self, gradients: list[Any], total: Any, values: list[Any], finite: Any
+    ) -> Any:
+        """Applies the optimizer, trackers and metrics; see `StepRun.apply`."""
+        step.update_trackers(
+            self.model,
+            self.x,
+            _unscale_for_distribution(total),
+            [_unscale_for_distribution(v) for v in values],
+            finite,
+        )
+        self.model.optimizer.apply(gradients, self.trainable)
+        return self.model.compute_metrics(
+            self.x, self.y, self.y_pred, sample_weight=self.sample_weight
+        )
+
+
+# --------------------------------------------------------------------------
+# Diagnostics: curvature products at a fixed batch (keras_seht.operators)
+# --------------------------------------------------------------------------
+
+
+class CurvatureProducts:
+    r"""Curvature products of the compiled loss at a fixed batch.
 
     The loss is a function of copies of the current weight values,
     evaluated statelessly (``functional.stateless_loss``: no variable,
-    BatchNorm statistic or seed of the model changes). A product is
-    reverse-over-reverse autodiff in one ``tf.function``: the inner tape's
-    gradient g is recorded by an outer tape, whose vector-Jacobian product
-    with cotangent v is J_g^T v = H^T v = H v (``output_gradients=v``).
-    Each call reruns the forward pass in graph mode; on small models that
-    is ~15x faster than replaying a persistent eager tape.
+    BatchNorm statistic or seed of the model changes), with twice
+    differentiable BatchNorm moments (`compat.exact_tf_moments`). Each
+    product reruns the forward pass inside a ``tf.function`` (on small
+    models ~15x faster than replaying a persistent eager tape). With
+    :math:`L(w)` the loss, :math:`z(w)` every output entry of the batch
+    flattened (:math:`M` of them) and :math:`\ell(z)` the loss given to
+    ``compile``:
 
-    Args:
-        model: A compiled, built Keras model.
-        x, y, sample_weight: One batch (tensors).
-        training: Run the forward pass in training mode.
-
-    Attributes:
-        loss: The loss at the current weights (float).
+    - ``hvp(v)`` :math:`= \nabla_w^2 L\,v`: the inner tape's gradient
+      :math:`g` is recorded by an outer tape whose VJP with cotangent
+      :math:`v` is :math:`J_g^\top v = Hv`; ``hvp_rows(V)`` the same for
+      each row of a (k, n) flat ``V``, vectorized over the rows
+      (``tf.vectorized_map``, one forward pass);
+    - ``jvp(v)`` :math:`= Jv \in \mathbb{R}^M`, :math:`J = \partial z /
+      \partial w` (``tf.autodiff.ForwardAccumulator``);
+    - ``vjp(u)`` :math:`= J^\top u`; ``vjp_rows(U)`` for each row of a
+      (k, M) ``U``, flat (k, n), vectorized;
+    - ``output_hvp(u)`` :math:`= \nabla_z^2 \ell\,u` at :math:`z(w)`;
+      ``output_hvp_rows(U)`` for each row of a (k, M) ``U``.
     """
 
     def __init__(
@@ -431,178 +399,203 @@ class HessianVectorProduct:
             tf.identity(tf.convert_to_tensor(v.value))
             for v in model.non_trainable_variables
         ]
-        loss, _, _ = functional.stateless_loss(
-            model, self.params, self._non_trainable, *self._batch, training
-        )
-        self.loss = float(loss)
+        self._y_pred: Any = None
         self._hvp = tf.function(self._hessian_vector_product)
-        self._quadratic_form = tf.function(
-            lambda vectors: _dot(vectors, self._hessian_vector_product(vectors))
-        )
-        self._diagonal_rows: Any = None  # a tf.function, made on first use
+        self._hvp_rows = tf.function(self._hessian_rows, reduce_retracing=True)
+        self._jvp = tf.function(self._jacobian_vector_product)
+        self._vjp = tf.function(self._vector_jacobian_product)
+        self._vjp_rows = tf.function(self._jacobian_rows, reduce_retracing=True)
+        self._output_hvp = tf.function(self._output_rows)
 
-    def _loss_and_grads(
-        self, params: Sequence[tf.Tensor]
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """L(params) and its gradient, differentiable by enclosing tapes."""
-        import tensorflow as tf
+    # Pure functions of the weights (traced by the tf.functions).
 
+    def _forward(self, params: Sequence[tf.Tensor]) -> tuple[Any, Any]:
+        """(L(params), y_pred), statelessly."""
         x, y, sample_weight = self._batch
-        with (
-            tf.GradientTape(watch_accessed_variables=False) as inner,
-            compat.exact_tf_moments(),
-        ):
-            inner.watch(params)
-            loss, _, _ = functional.stateless_loss(
-                self._model,
-                params,
-                self._non_trainable,
-                x,
-                y,
-                sample_weight,
-                self._training,
-            )
-        grads = _gradient(inner, loss, params)
-        return loss, grads
+        loss, y_pred, _ = functional.stateless_loss(
+            self._model,
+            params,
+            self._non_trainable,
+            x,
+            y,
+            sample_weight,
+            self._training,
+        )
+        return loss, y_pred
 
-    def _as_vectors(self, vectors: Sequence[Any]) -> list[tf.Tensor]:
+    def _flat_outputs(self, params: Sequence[tf.Tensor]) -> tf.Tensor:
+        """z(params): every output entry of the batch, flat."""
         import tensorflow as tf
 
-        return [
-            tf.cast(tf.convert_to_tensor(v), p.dtype)
-            for v, p in zip(vectors, self.params)
-        ]
+        with compat.exact_tf_moments():
+            _, y_pred = self._forward(params)
+        leaves = keras.tree.flatten(y_pred)
+        return tf.concat([tf.reshape(z, [-1]) for z in leaves], 0)
 
-    def _hessian_vector_product(
-        self, vectors: Sequence[tf.Tensor]
-    ) -> list[tf.Tensor]:
+    def _gradient_tape(self) -> tuple[tf.GradientTape, list[tf.Tensor]]:
+        """An outer tape that recorded the loss gradient g (flat pieces)."""
         import tensorflow as tf
 
         with tf.GradientTape(watch_accessed_variables=False) as outer:
             outer.watch(self.params)
-            _, grads = self._loss_and_grads(self.params)
-        return outer.gradient(
-            grads,
-            self.params,
-            output_gradients=list(vectors),
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            with (
+                tf.GradientTape(watch_accessed_variables=False) as inner,
+                compat.exact_tf_moments(),
+            ):
+                inner.watch(self.params)
+                loss, _ = self._forward(self.params)
+            grads = _gradient(inner, loss, self.params)
+        return outer, grads
+
+    def _hessian_vector_product(
+        self, vectors: Sequence[tf.Tensor]
+    ) -> list[tf.Tensor]:
+        outer, grads = self._gradient_tape()
+        return _gradient(
+            outer, grads, self.params, output_gradients=list(vectors)
         )
 
-    def __call__(self, vectors: Sequence[Any]) -> list[tf.Tensor]:
-        """H v for one vector given as one tensor per variable."""
-        return self._hvp(self._as_vectors(vectors))
-
-    def quadratic_form(self, vectors: Sequence[Any]) -> float:
-        """v^T H v."""
-        return float(self._quadratic_form(self._as_vectors(vectors)))
-
-    def diagonal(self, chunk_size: int = 256) -> list[tf.Tensor]:
-        """The exact Hessian diagonal, by chunks of Hessian rows.
-
-        For the weight indices [start, start + chunk) the rows of H are the
-        Jacobian of g[start:start + chunk] with respect to the weights, one
-        vectorized (``pfor``) reverse pass per chunk inside a
-        ``tf.function``; the diagonal entries are picked out of those rows.
-        """
+    def _hessian_rows(self, rows: tf.Tensor) -> tf.Tensor:
         import tensorflow as tf
 
-        sizes = [int(tf.size(p)) for p in self.params]
-        n = sum(sizes)
-        if self._diagonal_rows is None:
-            self._diagonal_rows = self._make_diagonal_rows()
-        pieces = []
-        for start in range(0, n, chunk_size):
-            count = min(chunk_size, n - start)
-            pieces.append(
-                self._diagonal_rows(
-                    tf.constant(start, tf.int32), tf.constant(count, tf.int32)
+        with tf.GradientTape(watch_accessed_variables=False) as outer:
+            outer.watch(self.params)
+            with (
+                tf.GradientTape(watch_accessed_variables=False) as inner,
+                compat.exact_tf_moments(),
+            ):
+                inner.watch(self.params)
+                loss, _ = self._forward(self.params)
+            grads = _gradient(inner, loss, self.params)
+        sizes = [p.shape.num_elements() for p in self.params]
+
+        def row(v: tf.Tensor) -> tf.Tensor:
+            pieces = [
+                tf.reshape(tf.cast(piece, p.dtype), p.shape)
+                for piece, p in zip(tf.split(v, sizes), self.params)
+            ]
+            out = _gradient(outer, grads, self.params, pieces)
+            return tf.concat([tf.reshape(h, [-1]) for h in out], 0)
+
+        return tf.cast(tf.vectorized_map(row, rows), rows.dtype)
+
+    def _jacobian_vector_product(
+        self, vectors: Sequence[tf.Tensor]
+    ) -> tf.Tensor:
+        import tensorflow as tf
+
+        with tf.autodiff.ForwardAccumulator(self.params, list(vectors)) as acc:
+            z = self._flat_outputs(self.params)
+        return acc.jvp(z, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def _vector_jacobian_product(self, u: tf.Tensor) -> list[tf.Tensor]:
+        import tensorflow as tf
+
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(self.params)
+            z = self._flat_outputs(self.params)
+        u = tf.cast(u, z.dtype)
+        return _gradient(tape, z, self.params, output_gradients=u)
+
+    def _jacobian_rows(self, rows: tf.Tensor) -> tf.Tensor:
+        import tensorflow as tf
+
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(self.params)
+            z = self._flat_outputs(self.params)
+
+        def row(u: tf.Tensor) -> tf.Tensor:
+            out = _gradient(tape, z, self.params, tf.cast(u, z.dtype))
+            return tf.concat([tf.reshape(g, [-1]) for g in out], 0)
+
+        return tf.cast(tf.vectorized_map(row, rows), rows.dtype)
+
+    def _output_rows(self, z: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
+        """(k, M): rows of U H_z, the Jacobian of U (d ell / dz)."""
+        import tensorflow as tf
+
+        _, y, sample_weight = self._batch
+        leaves = keras.tree.flatten(self._y_pred)
+        with tf.GradientTape(watch_accessed_variables=False) as outer:
+            outer.watch(z)
+            with tf.GradientTape(watch_accessed_variables=False) as inner:
+                inner.watch(z)
+                pieces, offset = [], 0
+                for leaf in leaves:
+                    size = leaf.shape.num_elements()
+                    piece = z[offset : offset + size]
+                    pieces.append(tf.reshape(piece, leaf.shape))
+                    offset += size
+                packed = keras.tree.pack_sequence_as(self._y_pred, pieces)
+                loss = compat.compiled_loss(
+                    self._model, y, packed, sample_weight
                 )
-            )
-        diag = tf.concat(pieces, axis=0)
+            grad = inner.gradient(loss, z)
+        return tf.vectorized_map(
+            lambda u: _gradient(outer, grad, [z], tf.cast(u, z.dtype))[0],
+            rows,
+        )
+
+    # The products.
+
+    def _vectors(self, vectors: Sequence[Any]) -> list[tf.Tensor]:
+        """One tensor per variable, in its dtype and shape."""
+        import tensorflow as tf
+
         return [
-            tf.reshape(d, p.shape)
-            for d, p in zip(tf.split(diag, sizes), self.params)
+            tf.reshape(tf.cast(tf.convert_to_tensor(v), p.dtype), p.shape)
+            for v, p in zip(vectors, self.params)
         ]
 
-    def _make_diagonal_rows(self) -> Any:
+    def _outputs(self) -> tf.Tensor:
+        """z(w), flat (computed once, eagerly)."""
         import tensorflow as tf
 
-        params = self.params
+        if self._y_pred is None:
+            with compat.exact_tf_moments():
+                _, self._y_pred = self._forward(self.params)
+            # Builds the compiled loss eagerly, not inside a tf.function.
+            _, y, sample_weight = self._batch
+            compat.compiled_loss(self._model, y, self._y_pred, sample_weight)
+        leaves = keras.tree.flatten(self._y_pred)
+        return tf.concat([tf.reshape(z, [-1]) for z in leaves], 0)
 
-        @tf.function(reduce_retracing=True)
-        def diagonal_rows(start: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
-            with tf.GradientTape(watch_accessed_variables=False) as outer:
-                outer.watch(params)
-                _, grads = self._loss_and_grads(params)
-                flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
-                rows_of = flat[start : start + count]
-            rows = outer.jacobian(
-                rows_of,
-                params,
-                unconnected_gradients=tf.UnconnectedGradients.ZERO,
-            )
-            rows = tf.concat([tf.reshape(r, [count, -1]) for r in rows], axis=1)
-            index = tf.range(count)
-            return tf.gather_nd(rows, tf.stack([index, start + index], 1))
+    @property
+    def loss(self) -> float:
+        """The loss L(w) at the frozen weights."""
+        return float(self._forward(self.params)[0])
 
-        return diagonal_rows
+    @property
+    def num_outputs(self) -> int:
+        """M, the number of output entries of the batch."""
+        return int(self._outputs().shape[0])
 
+    def hvp(self, vectors: Sequence[Any]) -> list[tf.Tensor]:
+        """H v, one tensor per variable."""
+        return list(self._hvp(self._vectors(vectors)))
 
-def gauss_newton_factors(
-    model: keras.Model,
-    x: Any,
-    y: Any,
-    sample_weight: Any = None,
-    training: bool = False,
-) -> tuple[Any, Any]:
-    """The dense output Jacobian J (M x n) and output Hessian H_z (M x M).
+    def hvp_rows(self, rows: Any) -> tf.Tensor:
+        """(k, n): row b is H v_b for row v_b of `rows`, flattened."""
+        return self._hvp_rows(rows)
 
-    M counts every output entry of the batch, n every trainable weight;
-    G = J^T H_z J. ``tape.jacobian`` (vectorized) of the stateless
-    forward pass, and of the compiled loss's output gradient.
-    """
-    import numpy as np
-    import tensorflow as tf
+    def jvp(self, vectors: Sequence[Any]) -> tf.Tensor:
+        """J v, (M,)."""
+        return self._jvp(self._vectors(vectors))
 
-    x, y, sample_weight = functional.as_tensors(x, y, sample_weight)
-    params = [
-        tf.identity(tf.convert_to_tensor(v.value))
-        for v in model.trainable_variables
-    ]
-    non_trainable = [
-        tf.convert_to_tensor(v.value) for v in model.non_trainable_variables
-    ]
-    with (
-        tf.GradientTape(watch_accessed_variables=False) as tape,
-        compat.exact_tf_moments(),
-    ):
-        tape.watch(params)
-        _, y_pred, _ = functional.stateless_loss(
-            model, params, non_trainable, x, y, sample_weight, training
-        )
-        leaves = keras.tree.flatten(y_pred)
-        flat = tf.concat([tf.reshape(z, [-1]) for z in leaves], 0)
-    m = int(flat.shape[0])
-    jac = tape.jacobian(
-        flat, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
-    )
-    jacobian = np.concatenate(
-        [np.asarray(j, "float64").reshape(m, -1) for j in jac], axis=1
-    )
-    z_flat = tf.identity(flat)
-    with tf.GradientTape(watch_accessed_variables=False) as outer:
-        outer.watch(z_flat)
-        with tf.GradientTape(watch_accessed_variables=False) as inner:
-            inner.watch(z_flat)
-            pieces, offset = [], 0
-            for z in leaves:
-                size = int(np.prod(z.shape))
-                pieces.append(
-                    tf.reshape(z_flat[offset : offset + size], z.shape)
-                )
-                offset += size
-            packed = keras.tree.pack_sequence_as(y_pred, pieces)
-            loss = compat.compiled_loss(model, y, packed, sample_weight)
-        grad = inner.gradient(loss, z_flat)
-    hessian = outer.jacobian(grad, z_flat)
-    return jacobian, np.asarray(hessian, "float64")
+    def vjp(self, cotangent: Any) -> list[tf.Tensor]:
+        """J^T u, one tensor per variable."""
+        return list(self._vjp(cotangent))
+
+    def vjp_rows(self, rows: Any) -> tf.Tensor:
+        """(k, n): row b is J^T u_b for row u_b of `rows`, flattened."""
+        return self._vjp_rows(rows)
+
+    def output_hvp(self, u: Any) -> tf.Tensor:
+        """H_z u, (M,)."""
+        import tensorflow as tf
+
+        return self._output_hvp(self._outputs(), tf.expand_dims(u, 0))[0]
+
+    def output_hvp_rows(self, rows: Any) -> tf.Tensor:
+        """(k, M): row b is H_z u_b for row u_b of `rows`."""
+        return self._output_hvp(self._outputs(), rows)

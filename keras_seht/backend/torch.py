@@ -1,39 +1,34 @@
-"""SEHT autodiff on the PyTorch backend.
+"""SEHT autodiff on the PyTorch backend: the step's primitives.
 
-The train step is eager PyTorch: one forward pass, one graph-building
-backward for g = dL/dw, an HVP h = d(g . sigma)/dw per probe, and one
-backward of t = mean(sigma . h) for its gradient. The loss gradient g is
-reused for the update (never recomputed):
-
-    update direction = g + strength * dt/dw.
+The step's logic lives in `keras_seht.step`; this module gives it eager
+PyTorch autodiff. One forward pass, one graph-building backward for
+g = dL/dw over the variables a penalty reads it for (with a SEHT-D probe,
+only the drawn layers: autograd prunes everything below the first), an
+HVP h = d(g . sigma)/dw per probe, and ONE backward of
+s L + sum_j strength_j phi_j(s R_j) for the update: the loss's share
+rides along the penalties' (they meet at the same activations), and the
+loss gradient g is never recomputed.
 
 With a loss-scaling optimizer (``LossScaleOptimizer`` under
 ``mixed_float16``, or ``loss_scale_factor``) the scaled loss s * L is
 differentiated, as in Keras' own step, so that small float16 gradients do
 not underflow: g, t and dt/dw all come out scaled by s, the optimizer
-unscales the update, and the logged t is divided by s. A non-finite t
-under a ``LossScaleOptimizer`` is treated as an overflow: the optimizer
-gets a non-finite gradient, skips the step and lowers its scale.
+unscales the update, and the step divides the logged values by s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import keras
 import torch
 
 from keras_seht import _keras_compat as compat
-from keras_seht import functional
-from keras_seht.penalties import (
-    ConfidencePenalty,
-    GradientNorm,
-    Jacobian,
-    flatten_outputs,
-    float_inputs,
-)
+from keras_seht import functional, step
+from keras_seht.context import StepPlan
+from keras_seht.penalties import flatten_outputs, float_inputs
 
 
 def _grad(
@@ -52,30 +47,33 @@ def _grad(
     """
     if not inputs:
         return []
+    rows = (grad_outputs.shape[0],) if batched else ()
     if not output.requires_grad:
-        shape = (output.shape[0],) if batched else ()
-        return [
-            torch.zeros(shape + tuple(p.shape), device=p.device, dtype=p.dtype)
-            for p in inputs
-        ]
-    grads = torch.autograd.grad(
-        output,
-        list(inputs),
-        grad_outputs=grad_outputs,
-        create_graph=create_graph,
-        retain_graph=retain_graph or create_graph,
-        allow_unused=True,
-        is_grads_batched=batched,
-    )
-    out = []
-    for g, p in zip(grads, inputs):
-        if g is None:
-            shape = (output.shape[0],) if batched else ()
-            g = torch.zeros(
-                shape + tuple(p.shape), device=p.device, dtype=p.dtype
+        grads: Sequence[torch.Tensor | None] = [None] * len(inputs)
+    else:
+        # A batched backward falls back to a loop for ops without batching
+        # rules, and says so.
+        quiet = (
+            warnings.catch_warnings() if batched else contextlib.nullcontext()
+        )
+        with quiet:
+            if batched:
+                warnings.simplefilter("ignore")
+            grads = torch.autograd.grad(
+                output,
+                list(inputs),
+                grad_outputs=grad_outputs,
+                create_graph=create_graph,
+                retain_graph=retain_graph or create_graph,
+                allow_unused=True,
+                is_grads_batched=batched,
             )
-        out.append(g)
-    return out
+    return [
+        torch.zeros(rows + tuple(p.shape), device=p.device, dtype=p.dtype)
+        if g is None
+        else g
+        for g, p in zip(grads, inputs)
+    ]
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -152,203 +150,53 @@ def _densify(
     return dense
 
 
-def _input_products(
-    penalty: Jacobian,
-    z: torch.Tensor,
-    leaves: Sequence[torch.Tensor],
-    seed: Any,
-) -> torch.Tensor:
-    """The Jacobian penalty R from the outputs z and the watched inputs."""
-    projections, weight = penalty.projections(tuple(z.shape), z.dtype, seed)
-    products = [
-        _grad(torch.sum(v * z), leaves, create_graph=True) for v in projections
-    ]
-    return penalty.norm_from_products(products, weight, z.shape[0])
+class _KnownGradient(torch.autograd.Function):
+    """A value whose gradients with respect to `params` are known already.
 
-
-def train_step(model: keras.Model, data: Any) -> dict[str, Any]:
-    """One step of L + sum_j strength_j R_j (``model.seht`` is not None).
-
-    The penalties R_j are computed from one forward pass: a SEHT estimate
-    from HVPs of the graph-connected loss gradient, ``GradientNorm`` from
-    that gradient, ``Jacobian`` from input gradients of the outputs taken
-    with ``create_graph``, ``ConfidencePenalty`` from the outputs. One
-    backward of sum_j strength_j R_j gives their weight gradient.
+    ``apply(value, *params, *gradients)`` returns `value`; its backward
+    sends ``upstream * gradients[i]`` to ``params[i]``. The perturbed
+    passes of the smoothed methods are each differentiated as soon as they
+    ran (one pass's graph alive at a time); this joins their sum to the
+    step's objective, which is then differentiated as a whole.
     """
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    penalties = model.seht_penalties
-    estimator = model.seht_estimator
-    needs_graph = any(p.needs_loss_gradient for p in penalties)
-    smoothed = estimator is not None and estimator.method != "exact"
-    trainable = model.trainable_weights[:]
-    params = [v.value for v in trainable]
-    seed = model.seht_seed_generator
-    one = torch.ones((), dtype=params[0].dtype, device=params[0].device)
-    scale = torch.as_tensor(model.optimizer.scale_loss(one)).detach()
-    sparse: list[list[torch.Tensor | None]] = []
-    if estimator is not None:
-        sparse = [
-            estimator.sample_sparse_probes(
-                model.seht_layout, seed=seed, dtype=params[0].dtype
-            )
-            for _ in range(estimator.max_iter)
-        ]
-    if smoothed:
-        # Before the stateful forward pass: the perturbed passes then see
-        # the step's own non-trainable state (seeds, BatchNorm statistics).
-        pair_value, pair_grads = _perturbed_pairs(
-            model, x, y, sample_weight, params, sparse, scale
-        )
-    leaves: list[torch.Tensor] = []
-    if any(p.needs_input_gradient for p in penalties):
-        x, leaves = _watch_inputs(x)
-    # The antithetic method needs no gradient at w unless another penalty
-    # is differentiated there.
-    no_grad = smoothed and estimator.method == "antithetic"
-    no_grad = no_grad and len(penalties) == 1
-    with torch.no_grad() if no_grad else contextlib.nullcontext():
-        if compat.call_has_training_arg(model):
-            y_pred = model(x, training=True)
-        else:
-            y_pred = model(x)
-        model.zero_grad()
-        loss = compat.compute_loss(model, x, y, y_pred, sample_weight, True)
-    scale = scale.to(loss.dtype)
-    scaled_loss = loss * scale
-    # The graph-building backward only reaches the variables whose
-    # gradient a penalty reads (those a probe touches; all of them for
-    # GradientNorm), and autograd prunes everything below the first of
-    # them.
-    if any(isinstance(p, GradientNorm) for p in penalties):
-        touched = list(range(len(params)))
-    elif needs_graph:
-        touched = [
-            i
-            for i in range(len(params))
-            if any(s[i] is not None for s in sparse)
-        ]
-    else:
-        touched = []
-    grads = _grad(scaled_loss, [params[i] for i in touched], True)
-    scaled_values = []
-    for penalty in penalties:
-        if penalty is estimator and smoothed:
-            # t_eps = (L(w + e s) + L(w - e s) - 2 L(w)) / e^2, scaled; its
-            # gradient is assembled below from the passes' gradients.
-            value = (pair_value - 2.0 * scaled_loss.detach()) / (
-                estimator.step_epsilon**2
-            )
-        elif penalty is estimator:
-            if estimator.curvature == "gauss_newton":
-                indices = range(len(params))
-                probes = [_densify(s, params, indices) for s in sparse]
-                value = gauss_newton_estimate(
-                    model, y, y_pred, sample_weight, params, probes, scale
-                )
-            else:
-                probes = [_densify(s, params, touched) for s in sparse]
-                sub_params = [params[i] for i in touched]
-                if sub_params:
-                    value = probe_estimate(grads, sub_params, probes, True)
-                else:  # no layer drawn: t = 0 exactly
-                    value = torch.zeros_like(scaled_loss)
-        elif isinstance(penalty, GradientNorm):
-            value = _dot(grads, grads) / scale
-        elif isinstance(penalty, Jacobian):
-            z = flatten_outputs(y_pred)
-            value = _input_products(penalty, z, leaves, seed) * scale
-        elif isinstance(penalty, ConfidencePenalty):
-            value = penalty.value(model, y_pred, sample_weight) * scale
-        else:
-            raise TypeError(f"Unsupported `seht` penalty: {penalty!r}")
-        scaled_values.append(value)
-    values = [v.detach() / scale for v in scaled_values]
-    finite = bool(torch.all(torch.isfinite(torch.stack(values))))
-    if finite:
-        # One backward of L + sum_j strength_j R_j: the loss's share rides
-        # along the penalties' (they meet at the same activations), so it
-        # costs little more than the penalties' backward alone.
-        loss_weight: float | torch.Tensor = 1.0
-        pair_weight: float | torch.Tensor = 0.0
-        if smoothed:
-            # d/dw of strength * R(t_eps): the pairs' gradients weigh
-            # strength R'(t) / e^2, the loss's -2 strength R'(t) / e^2
-            # (so, antithetic, L + strength t_eps = (L+ + L-) / 2).
-            index = penalties.index(estimator)
-            t = scaled_values[index]
-            slope = torch.as_tensor(
-                estimator.strength, dtype=t.dtype, device=t.device
-            )
-            if estimator.clip_negative:
-                slope = slope * (t > 0).to(t.dtype)
-            pair_weight = slope / estimator.step_epsilon**2
-            if estimator.method == "antithetic":
-                loss_weight, pair_weight = 0.0, 0.5
-            else:
-                loss_weight = 1.0 - 2.0 * pair_weight
-        objective = loss_weight * scaled_loss + sum(
-            p.strength * p.objective_value(v)
-            for p, v in zip(penalties, scaled_values)
-            if not (smoothed and p is estimator)
-        )
-        gradients = _grad(objective, params, False, retain_graph=False)
-        if smoothed:
-            gradients = [
-                g + pair_weight * pg for g, pg in zip(gradients, pair_grads)
-            ]
-        total = loss.detach() + sum(
-            p.strength * p.objective_value(v) for p, v in zip(penalties, values)
-        )
-    elif isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
-        # An overflow of the scaled HVP: a non-finite gradient makes the
-        # optimizer skip the step and lower its scale, as for any overflow.
-        gradients = [torch.full_like(p, float("nan")) for p in params]
-        total = loss.detach()
-    else:
-        if not scaled_loss.requires_grad:  # antithetic: w had no graph
-            nt = [v.value for v in model.non_trainable_variables]
-            scaled_loss = (
-                scale
-                * functional.stateless_loss(
-                    model, params, nt, x, y, sample_weight, training=True
-                )[0]
-            )
-        gradients = _grad(scaled_loss, params, False, retain_graph=False)
-        total = loss.detach()
-    del grads, scaled_values
 
-    first_input = next(i for i in keras.tree.flatten(x) if i is not None)
-    batch_size = first_input.shape[0]
-    compat.loss_tracker(model).update_state(total, sample_weight=batch_size)
-    model.update_seht_trackers(values, finite)
-    with torch.no_grad():
-        model.optimizer.apply(gradients, trainable)
-    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, *tensors: torch.Tensor) -> Any:
+        ctx.count = len(tensors) // 2
+        ctx.save_for_backward(*tensors[ctx.count :])
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> Any:
+        grads = [upstream * g for g in ctx.saved_tensors]
+        return (None, *grads, *([None] * ctx.count))
 
 
-def _perturbed_pairs(
+def _perturbed_losses(
     model: keras.Model,
     x: Any,
     y: Any,
     sample_weight: Any,
     params: Sequence[torch.Tensor],
     probes: Sequence[Sequence[torch.Tensor | None]],
+    epsilon: float,
     scale: torch.Tensor,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """mean_k [L(w + e s_k) + L(w - e s_k)] (scaled) and its gradient.
+) -> torch.Tensor:
+    """mean_k [f(w + e s_k) + f(w - e s_k)], f = s L, with its gradient.
 
     Each pass runs statelessly with the model's current non-trainable
-    values and is differentiated at once, so one pass's graph is alive at
-    a time (peak memory as a plain step's).
+    values (call it before the step's stateful forward pass: the passes
+    then see the step's own seeds and BatchNorm statistics) and is
+    differentiated at once, so one pass's graph is alive at a time (peak
+    memory as a plain step's).
     """
-    epsilon = model.seht_estimator.step_epsilon
     non_trainable = [v.value for v in model.non_trainable_variables]
     x, y, sample_weight = functional.as_tensors(x, y, sample_weight)
     value = torch.zeros((), dtype=scale.dtype, device=scale.device)
     gradients = [torch.zeros_like(p) for p in params]
     for probe in probes:
-        for step in (epsilon, -epsilon):
-            shifted = functional.shifted(params, probe, step)
+        for shift in (epsilon, -epsilon):
+            shifted = functional.shifted(params, probe, shift)
             loss = functional.stateless_loss(
                 model, shifted, non_trainable, x, y, sample_weight, True
             )[0]
@@ -357,7 +205,7 @@ def _perturbed_pairs(
             for g, d in zip(gradients, grads):
                 g.add_(d)
             value = value + scaled.detach()
-    return value, gradients
+    return _KnownGradient.apply(value, *params, *gradients)
 
 
 def _watch_inputs(x: Any) -> tuple[Any, list[torch.Tensor]]:
@@ -370,12 +218,230 @@ def _watch_inputs(x: Any) -> tuple[Any, list[torch.Tensor]]:
     return keras.tree.pack_sequence_as(x, flat), leaves
 
 
-class HessianVectorProduct:
-    """Hessian-vector products of the compiled loss at the current weights.
+class _Context:
+    """The step context (`keras_seht.context.StepContext`), eagerly.
 
-    The loss is evaluated once, statelessly (no variable, BatchNorm
-    statistic or seed of the model changes); every product reuses the
-    graph of one differentiable gradient.
+    The forward pass runs at construction; the loss gradient, the
+    quadratic forms and the input products are computed when a penalty
+    first asks for them.
+    """
+
+    def __init__(self, run: StepRun, plan: StepPlan) -> None:
+        model = run.model
+        self.model, self.y = model, run.y
+        self.sample_weight, self.scale = run.sample_weight, run.scale
+        self._plan, self._params = plan, run.params
+        self._pair = None
+        if plan.epsilon is not None:
+            self._pair = _perturbed_losses(
+                model,
+                run.x,
+                run.y,
+                run.sample_weight,
+                run.params,
+                plan.probes or [],
+                plan.epsilon,
+                run.scale,
+            )
+        x, self._leaves = run.x, list[torch.Tensor]()
+        if plan.input_cotangents is not None:
+            x, self._leaves = _watch_inputs(x)
+        self.x = x
+        graph = plan.forward_graph
+        with contextlib.nullcontext() if graph else torch.no_grad():
+            if compat.call_has_training_arg(model):
+                y_pred = model(x, training=True)
+            else:
+                y_pred = model(x)
+            model.zero_grad()
+            loss = compat.compute_loss(
+                model, x, run.y, y_pred, run.sample_weight, True
+            )
+        self.outputs, self.loss = y_pred, loss
+        self.live_loss = loss * run.scale.to(loss.dtype)
+        self.scaled_loss = (
+            self.live_loss.detach() if plan.constant_loss else self.live_loss
+        )
+        self._gradients: dict[tuple[int, ...], list[torch.Tensor]] = {}
+
+    def _gradient_over(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """The graph-connected loss gradient over `indices`, built once."""
+        key = tuple(indices)
+        if key not in self._gradients:
+            params = [self._params[i] for i in key]
+            self._gradients[key] = _grad(self.live_loss, params, True)
+        return self._gradients[key]
+
+    def _probed(self) -> list[int]:
+        """The variables whose gradient the step builds.
+
+        All with a `loss_gradient` request, else those a probe touches.
+        """
+        everything = list(range(len(self._params)))
+        if self._plan.loss_gradient:
+            return everything
+        probes = self._plan.probes or []
+        return [i for i in everything if any(s[i] is not None for s in probes)]
+
+    def loss_gradient(self) -> list[torch.Tensor]:
+        return self._gradient_over(range(len(self._params)))
+
+    def quadratic_form(self) -> torch.Tensor:
+        probes = self._plan.probes or []
+        params = self._params
+        if self._plan.curvature == "gauss_newton":
+            everything = range(len(params))
+            return gauss_newton_estimate(
+                self.model,
+                self.y,
+                self.outputs,
+                self.sample_weight,
+                params,
+                [_densify(s, params, everything) for s in probes],
+                self.scale,
+            )
+        touched = self._probed()
+        if not touched:  # no layer drawn: t = 0 exactly
+            return torch.zeros_like(self.live_loss)
+        return probe_estimate(
+            self._gradient_over(touched),
+            [params[i] for i in touched],
+            [_densify(s, params, touched) for s in probes],
+            True,
+        )
+
+    def perturbed_loss(self) -> torch.Tensor:
+        if self._pair is None:
+            raise ValueError("The step's plan has no finite-difference step.")
+        return self._pair
+
+    def input_products(self) -> list[list[torch.Tensor]]:
+        z = flatten_outputs(self.outputs)
+        return [
+            _grad(torch.sum(v.to(z.dtype) * z), self._leaves, True)
+            for v in self._plan.input_cotangents or []
+        ]
+
+
+class StepRun:
+    """The primitives of one eager train step (`keras_seht.step.StepRun`).
+
+    Probes are sparse: the step leaves the variables of undrawn layers out
+    of every derivative.
+    """
+
+    sparse_probes = True
+
+    def __init__(self, model: keras.Model, data: Any) -> None:
+        self.model = model
+        self.x, self.y, self.sample_weight = (
+            keras.utils.unpack_x_y_sample_weight(data)
+        )
+        self.trainable = model.trainable_weights[:]
+        self.params = [v.value for v in self.trainable]
+        first = self.params[0]
+        one = torch.ones((), dtype=first.dtype, device=first.device)
+        self.scale = torch.as_tensor(model.optimizer.scale_loss(one)).detach()
+        self._context: _Context | None = None
+        self._objective: Any = None
+
+    def differentiate(
+        self,
+        make_plan: Callable[[Callable[[], Any]], StepPlan],
+        evaluate: Callable[[Any], tuple[list[Any], Any]],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One forward pass and the objective's gradient; see `StepRun`."""
+        plan = make_plan(lambda: step.output_shape(self.model, self.x))
+        self._context = _Context(self, plan)
+        values, self._objective = evaluate(self._context)
+        self.x = self._context.x
+        return self._context.loss.detach(), [v.detach() for v in values]
+
+    def gradients(self, finite: Any, overflow: bool) -> list[torch.Tensor]:
+        """The update direction; see `StepRun.gradients`."""
+        context = self._context
+        assert context is not None  # differentiate ran
+        params = self.params
+        if bool(finite):
+            objective = context.scaled_loss + self._objective
+            return _grad(objective, params, False, retain_graph=False)
+        if overflow:
+            # An overflow of the scaled HVP: a non-finite gradient makes the
+            # optimizer skip the step and lower its scale.
+            return [torch.full_like(p, float("nan")) for p in params]
+        loss = context.live_loss
+        if not loss.requires_grad:  # a lone antithetic estimator: no graph
+            nt = [v.value for v in self.model.non_trainable_variables]
+            loss = (
+                self.scale
+                * functional.stateless_loss(
+                    self.model,
+                    params,
+                    nt,
+                    self.x,
+                    self.y,
+                    self.sample_weight,
+                    True,
+                )[0]
+            )
+        return _grad(loss, params, False, retain_graph=False)
+
+    def apply(
+        self,
+        gradients: list[torch.Tensor],
+        total: Any,
+        values: list[Any],
+        finite: Any,
+    ) -> Any:
+        """Applies the optimizer, trackers and metrics; see `StepRun.apply`."""
+        context = self._context
+        assert context is not None
+        step.update_trackers(self.model, self.x, total, values, finite)
+        with torch.no_grad():
+            self.model.optimizer.apply(gradients, self.trainable)
+        self._context = self._objective = None
+        return self.model.compute_metrics(
+            self.x, self.y, context.outputs, sample_weight=self.sample_weight
+        )
+
+
+# --------------------------------------------------------------------------
+# Diagnostics: curvature products at a fixed batch (keras_seht.operators)
+# --------------------------------------------------------------------------
+
+
+def _flat(
+    tensors: Sequence[torch.Tensor], rows: int | None = None
+) -> torch.Tensor:
+    """Concatenation of flattened tensors (keeping `rows` leading rows)."""
+    if rows is None:
+        return torch.cat([t.reshape(-1) for t in tensors])
+    return torch.cat([t.reshape(rows, -1) for t in tensors], dim=1)
+
+
+class CurvatureProducts:
+    r"""Curvature products of the compiled loss at a fixed batch.
+
+    One forward pass, statelessly at copies of the current weights
+    (``functional.stateless_loss``: no variable, BatchNorm statistic or
+    seed of the model changes), whose graph every product reuses. With
+    :math:`L(w)` the compiled loss (with ``model.losses``), :math:`z(w)`
+    every output entry of the batch flattened (:math:`M` of them) and
+    :math:`\ell(z)` the loss given to ``compile``:
+
+    - ``hvp(v)`` :math:`= \nabla_w^2 L\,v`, reverse over reverse;
+      ``hvp_rows(V)`` the same for each row of a (k, n) flat ``V``
+      (``is_grads_batched``);
+    - ``jvp(v)`` :math:`= Jv \in \mathbb{R}^M`, :math:`J = \partial z /
+      \partial w`, as the derivative in :math:`u` of :math:`(J^\top u)
+      \cdot v` (two reverse passes, no forward mode needed);
+    - ``vjp(u)`` :math:`= J^\top u`; ``vjp_rows(U)`` for each row of
+      a (k, M) ``U``, flat (k, n);
+    - ``output_hvp(u)`` :math:`= \nabla_z^2 \ell\,u` at :math:`z(w)`;
+      ``output_hvp_rows(U)`` for each row of a (k, M) ``U``.
+
+    Weight-space vectors are lists of tensors, one per trainable
+    variable; batched ones, and output-space ones, flat tensors.
     """
 
     def __init__(
@@ -386,114 +452,117 @@ class HessianVectorProduct:
         sample_weight: Any = None,
         training: bool = False,
     ) -> None:
+        self._model = model
+        self._y = y
+        self._sample_weight = sample_weight
         self.params = [
             v.value.detach().clone().requires_grad_(True)
             for v in model.trainable_variables
         ]
         non_trainable = [v.value for v in model.non_trainable_variables]
         with torch.enable_grad():
-            loss, _, _ = functional.stateless_loss(
-                model,
-                self.params,
-                non_trainable,
-                x,
-                y,
-                sample_weight,
-                training,
+            self._loss, self._y_pred, _ = functional.stateless_loss(
+                model, self.params, non_trainable, x, y, sample_weight, training
             )
-            self.grads = _grad(loss, self.params, create_graph=True)
-        self.loss = float(loss.detach())
+            self._outputs = _flat(keras.tree.flatten(self._y_pred))
+        self.num_outputs = int(self._outputs.numel())
+        self._grads: list[torch.Tensor] | None = None
+        self._dummy: torch.Tensor | None = None
+        self._transposed: list[torch.Tensor] | None = None
+        self._z: torch.Tensor | None = None
+        self._output_grad: torch.Tensor | None = None
 
-    def __call__(self, vectors: Sequence[Any]) -> list[torch.Tensor]:
-        """H v for one vector given as one tensor per variable."""
+    @property
+    def loss(self) -> float:
+        """The loss L(w) at the frozen weights."""
+        return float(self._loss.detach())
+
+    def _gradient(self) -> list[torch.Tensor]:
+        """The gradient g = dL/dw, differentiable (made on first use)."""
+        if self._grads is None:
+            with torch.enable_grad():
+                self._grads = _grad(self._loss, self.params, True)
+        return self._grads
+
+    def hvp(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """H v = d(g . v)/dw, one tensor per variable."""
+        grads = self._gradient()
         with torch.enable_grad():
-            out = _grad(_dot(self.grads, vectors), self.params, False)
+            dot = sum(torch.sum(g * v) for g, v in zip(grads, vectors))
+            assert isinstance(dot, torch.Tensor)
+            out = _grad(dot, self.params, False)
         return [o.detach() for o in out]
 
-    def quadratic_form(self, vectors: Sequence[Any]) -> float:
-        """v^T H v."""
-        return float(_dot(vectors, self(vectors)))
+    def hvp_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(k, n): row b is H v_b for row v_b of `rows`, flattened."""
+        flat = _flat(self._gradient())
+        with torch.enable_grad():
+            out = _grad(flat, self.params, False, rows, batched=True)
+        return _flat(out, rows.shape[0]).detach()
 
-    def diagonal(self, chunk_size: int = 256) -> list[torch.Tensor]:
-        """The exact Hessian diagonal, by batches of Hessian rows."""
-        flat_grad = torch.cat([g.reshape(-1) for g in self.grads])
-        n = flat_grad.numel()
-        diag = torch.zeros(n, dtype=flat_grad.dtype, device=flat_grad.device)
-        with torch.enable_grad(), warnings.catch_warnings():
-            # vmap falls back to a loop for ops without batching rules.
-            warnings.simplefilter("ignore")
-            for start in range(0, n, chunk_size):
-                idx = torch.arange(
-                    start, min(n, start + chunk_size), device=flat_grad.device
+    def jvp(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """J v, (M,): d/du of (J^T u) . v, linear in u."""
+        if self._transposed is None:
+            with torch.enable_grad():
+                self._dummy = torch.zeros_like(
+                    self._outputs, requires_grad=True
                 )
-                basis = torch.zeros(
-                    len(idx), n, dtype=flat_grad.dtype, device=flat_grad.device
+                self._transposed = _grad(
+                    self._outputs, self.params, True, self._dummy
                 )
-                basis[torch.arange(len(idx)), idx] = 1.0
-                rows = _grad(
-                    flat_grad,
-                    self.params,
-                    create_graph=False,
-                    grad_outputs=basis,
-                    batched=True,
+        assert self._dummy is not None
+        with torch.enable_grad():
+            dot = sum(
+                torch.sum(t * v) for t, v in zip(self._transposed, vectors)
+            )
+            assert isinstance(dot, torch.Tensor)
+            (out,) = _grad(dot, [self._dummy], False)
+        return out.detach()
+
+    def vjp(self, cotangent: torch.Tensor) -> list[torch.Tensor]:
+        """J^T u, one tensor per variable."""
+        u = cotangent.to(self._outputs.dtype)
+        with torch.enable_grad():
+            out = _grad(self._outputs, self.params, False, u)
+        return [o.detach() for o in out]
+
+    def vjp_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(k, n): row b is J^T u_b for row u_b of `rows`, flattened."""
+        u = rows.to(self._outputs.dtype)
+        with torch.enable_grad():
+            out = _grad(self._outputs, self.params, False, u, batched=True)
+        return _flat(out, rows.shape[0]).detach()
+
+    def _output_gradient(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, d ell / dz), differentiable in the leaf z (made once)."""
+        if self._z is None or self._output_grad is None:
+            leaves = keras.tree.flatten(self._y_pred)
+            z = self._outputs.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                pieces, offset = [], 0
+                for leaf in leaves:
+                    pieces.append(z[offset : offset + leaf.numel()])
+                    pieces[-1] = pieces[-1].view_as(leaf)
+                    offset += leaf.numel()
+                packed = keras.tree.pack_sequence_as(self._y_pred, pieces)
+                loss = compat.compiled_loss(
+                    self._model, self._y, packed, self._sample_weight
                 )
-                rows_flat = torch.cat(
-                    [r.reshape(len(idx), -1) for r in rows], dim=1
-                )
-                diag[idx] = rows_flat[torch.arange(len(idx)), idx].detach()
-        out, offset = [], 0
-        for p in self.params:
-            size = p.numel()
-            out.append(diag[offset : offset + size].reshape(p.shape))
-            offset += size
-        return out
+                (self._output_grad,) = _grad(loss, [z], True)
+            self._z = z
+        return self._z, self._output_grad
 
+    def output_hvp(self, u: torch.Tensor) -> torch.Tensor:
+        """H_z u, (M,)."""
+        z, grad = self._output_gradient()
+        with torch.enable_grad():
+            (out,) = _grad(grad, [z], False, u.to(z.dtype))
+        return out.detach()
 
-def gauss_newton_factors(
-    model: keras.Model,
-    x: Any,
-    y: Any,
-    sample_weight: Any = None,
-    training: bool = False,
-) -> tuple[Any, Any]:
-    """The dense output Jacobian J (M x n) and output Hessian H_z (M x M).
-
-    M counts every output entry of the batch, n every trainable weight;
-    G = J^T H_z J. Evaluated statelessly at the current weights. J's rows
-    come from batched reverse passes (``is_grads_batched``), H_z from
-    ``torch.autograd.functional.hessian`` of the compiled loss.
-    """
-    import numpy as np
-
-    params = [
-        v.value.detach().clone().requires_grad_(True)
-        for v in model.trainable_variables
-    ]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-    with torch.enable_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # vmap fallbacks
-        _, y_pred, _ = functional.stateless_loss(
-            model, params, non_trainable, x, y, sample_weight, training
-        )
-        leaves = keras.tree.flatten(y_pred)
-        flat = torch.cat([z.reshape(-1) for z in leaves])
-        m = flat.numel()
-        rows = []
-        for start in range(0, m, 256):
-            count = min(256, m - start)
-            basis = torch.zeros(count, m, dtype=flat.dtype, device=flat.device)
-            basis[torch.arange(count), torch.arange(start, start + count)] = 1
-            grads = _grad(flat, params, False, basis, batched=True)
-            rows.append(torch.cat([g.reshape(count, -1) for g in grads], dim=1))
-        jacobian = torch.cat(rows).detach().cpu().double().numpy()
-
-        def output_loss(z_flat: torch.Tensor) -> torch.Tensor:
-            pieces, offset = [], 0
-            for z in leaves:
-                pieces.append(z_flat[offset : offset + z.numel()].view_as(z))
-                offset += z.numel()
-            packed = keras.tree.pack_sequence_as(y_pred, pieces)
-            return compat.compiled_loss(model, y, packed, sample_weight)
-
-        hessian = torch.autograd.functional.hessian(output_loss, flat.detach())
-    return jacobian, np.asarray(hessian.detach().cpu().double().numpy())
+    def output_hvp_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(k, M): row b is H_z u_b for row u_b of `rows`."""
+        z, grad = self._output_gradient()
+        u = rows.to(z.dtype)
+        with torch.enable_grad():
+            (out,) = _grad(grad, [z], False, u, batched=True)
+        return out.detach()

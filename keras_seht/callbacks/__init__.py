@@ -6,7 +6,6 @@
   a fixed batch into the training logs.
 
 Example:
-
 >>> import keras, keras_seht, numpy as np
 >>> x, y = np.ones((8, 3), "float32"), np.array([0, 1] * 4)
 >>> model = keras_seht.Sequential(

@@ -18,6 +18,7 @@ import numpy as np
 
 from keras_seht import spectrum
 from keras_seht._checks import check_choice, check_int
+from keras_seht.operators import HessianOperator
 
 UNITS = ("epoch", "batch")
 #: The quantities measured, in order (the log keys are the prefix + these).
@@ -112,8 +113,11 @@ class CurvatureMonitor(keras.callbacks.Callback):
     eigen_iters`` HVPs (fewer if power iteration converges early, or when
     Hutch++'s sketch spans every weight), each about 2-3 forward and
     backward passes of the probe batch, plus one gradient to set up the
-    HVP (and, under JAX and TensorFlow, a compilation of the HVP). Keep
-    the probe batch small and ``every`` large enough for the budget.
+    HVP (`keras_seht.operators.HessianOperator`; under TensorFlow, a
+    tracing of the HVP; under JAX the HVP compiles at the first
+    measurement only, as long as the probe batch and the model's
+    compilation stay the same). Keep the probe batch small and ``every``
+    large enough for the budget.
 
     Determinism and state. Measurement number ``i`` of this monitor
     (0-based) seeds every estimator with ``seed + i``, so the same model,
@@ -144,7 +148,6 @@ class CurvatureMonitor(keras.callbacks.Callback):
         verbose: 1 prints the values at every measurement.
 
     Example:
-
     >>> import keras, keras_seht, numpy as np
     >>> from keras_seht.callbacks.monitor import CurvatureMonitor
     >>> model = keras_seht.Sequential([
@@ -217,14 +220,14 @@ class CurvatureMonitor(keras.callbacks.Callback):
     # ----------------------------------------------------------------------
 
     def _keys(self) -> list[str]:
-        keys = []
-        if self.trace_samples:
-            keys += ["trace", "trace_std_error"]
-        if self.hutchpp_samples:
-            keys.append("trace_hutchpp")
-        if self.eigen_iters:
-            keys.append("top_eigenvalue")
-        return keys
+        """The measured keys, in the order of `KEYS`."""
+        enabled = {
+            "trace": self.trace_samples,
+            "trace_std_error": self.trace_samples,
+            "trace_hutchpp": self.hutchpp_samples,
+            "top_eigenvalue": self.eigen_iters,
+        }
+        return [key for key in KEYS if enabled[key]]
 
     def measure(self) -> dict[str, float]:
         """Measures now, at the model's current weights.
@@ -239,23 +242,24 @@ class CurvatureMonitor(keras.callbacks.Callback):
 
     def _estimate(self, seed: int | None) -> dict[str, float]:
         # `self.model` syncs the JAX trainer's state into the variables.
-        matvec, shapes = spectrum._hessian_operator(
+        hessian = HessianOperator(
             self.model, self.x, self.y, self.sample_weight, self.training
         )
+        shapes = hessian.shapes
         values: dict[str, float] = {}
         if self.trace_samples:
             trace, std_error = spectrum.hutchinson_trace(
-                matvec, shapes, samples=self.trace_samples, seed=seed
+                hessian, shapes, samples=self.trace_samples, seed=seed
             )
             values["trace"] = trace
             values["trace_std_error"] = std_error
         if self.hutchpp_samples:
             values["trace_hutchpp"] = spectrum.hutchpp_trace(
-                matvec, shapes, samples=self.hutchpp_samples, seed=seed
+                hessian, shapes, samples=self.hutchpp_samples, seed=seed
             )
         if self.eigen_iters:
             values["top_eigenvalue"] = spectrum.top_eigenvalue(
-                matvec, shapes, iters=self.eigen_iters, seed=seed
+                hessian, shapes, iters=self.eigen_iters, seed=seed
             )
         return values
 
@@ -280,8 +284,10 @@ class CurvatureMonitor(keras.callbacks.Callback):
         return values
 
     def get_state(self) -> dict[str, Any]:
-        """The monitor's progress (JSON-able): measurement and step counts
-        and its history, for `set_state` after a resumed run."""
+        """The monitor's progress (JSON-able), for `set_state` after a resume.
+
+        Its measurement and step counts and its history.
+        """
         return {
             "calls": self._calls,
             "step": self._step,
@@ -289,8 +295,11 @@ class CurvatureMonitor(keras.callbacks.Callback):
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Restores a `get_state` result, so that a resumed run's
-        measurements use the same seeds as an uninterrupted run's."""
+        """Restores a `get_state` result.
+
+        A resumed run's measurements then use the same seeds as an
+        uninterrupted run's.
+        """
         self._calls = int(state["calls"])
         self._step = int(state["step"])
         self.history = {k: list(v) for k, v in state["history"].items()}
@@ -300,6 +309,7 @@ class CurvatureMonitor(keras.callbacks.Callback):
     # ----------------------------------------------------------------------
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Measures every `every` epochs (``unit="epoch"``); else logs NaN."""
         if self.unit != "epoch":
             return
         if (epoch + 1) % self.every == 0:
@@ -308,6 +318,7 @@ class CurvatureMonitor(keras.callbacks.Callback):
             logs.update({self.prefix + k: math.nan for k in self._keys()})
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        """With ``unit="batch"``: measures every `every` training steps."""
         if self.unit != "batch":
             return
         step = self._step

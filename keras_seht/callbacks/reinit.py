@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import keras
 import numpy as np
 
 from keras_seht import _keras_compat as compat
-from keras_seht import backend as seht_backend
-from keras_seht import functional
+from keras_seht import spectrum
 from keras_seht._checks import check_choice, check_int
 from keras_seht.layout import weight_layout
+from keras_seht.operators import HessianOperator
 
 GRANULARITIES = ("weight", "unit")
 AGGREGATES = ("sum", "mean")
@@ -116,7 +116,6 @@ class HessianReinit(keras.callbacks.Callback):
         max_exact_weights: Model size up to which ``"auto"`` is exact.
 
     Example:
-
     >>> import keras, keras_seht, numpy as np
     >>> x = np.random.rand(64, 4).astype("float32")
     >>> y = np.random.randint(0, 3, 64)
@@ -224,40 +223,30 @@ class HessianReinit(keras.callbacks.Callback):
     def hessian_diagonal(self, indices: list[int]) -> list[np.ndarray]:
         """|diag H| estimate for the trainable variables at `indices`."""
         x, y = self._batch()
-        x, y, _ = functional.as_tensors(x, y, None)
-        hvp = seht_backend.get().HessianVectorProduct(
-            self.model, x, y, None, self.training
-        )
-        variables = self.model.trainable_variables
+        hessian = HessianOperator(self.model, x, y, None, self.training)
         if self._use_exact():
-            full = hvp.diagonal()
-            return [
-                np.asarray(keras.ops.convert_to_numpy(full[i]), "float64")
-                for i in indices
-            ]
+            full = hessian.diagonal()
+            return [np.asarray(full[i], "float64") for i in indices]
         rng = np.random.default_rng([self.seed, self._calls])
-        total = [np.zeros(variables[i].shape, "float64") for i in indices]
+        variables = self.model.trainable_variables
         chosen = set(indices)
-        for _ in range(self.samples):
-            sigma = [
-                (
-                    rng.choice([-1.0, 1.0], size=v.shape)
-                    if i in chosen
-                    else np.zeros(v.shape)
-                ).astype("float32")
-                for i, v in enumerate(variables)
-            ]
-            h_sigma = hvp(
-                [
-                    keras.ops.convert_to_tensor(s, v.dtype)
-                    for s, v in zip(sigma, variables)
+
+        def probes() -> Iterator[list[np.ndarray]]:
+            # Rademacher on the chosen variables, zero elsewhere.
+            for _ in range(self.samples):
+                yield [
+                    (
+                        rng.choice([-1.0, 1.0], size=v.shape)
+                        if i in chosen
+                        else np.zeros(v.shape)
+                    ).astype("float32")
+                    for i, v in enumerate(variables)
                 ]
-            )
-            for slot, i in enumerate(indices):
-                total[slot] += sigma[i] * np.asarray(
-                    keras.ops.convert_to_numpy(h_sigma[i]), "float64"
-                )
-        return [t / self.samples for t in total]
+
+        diagonal = spectrum.hutchinson_diagonal(
+            hessian, hessian.shapes, probes()
+        )
+        return [diagonal[i] for i in indices]
 
     def _masks(
         self, indices: list[int], diag: list[np.ndarray]
@@ -325,8 +314,10 @@ class HessianReinit(keras.callbacks.Callback):
         return changed
 
     def reinitialize(self) -> int:
-        """One re-initialization now; returns the number of weights changed
-        (0 when the diagonal was not finite)."""
+        """One re-initialization now; returns the number of weights changed.
+
+        The number is 0 when the diagonal was not finite.
+        """
         changed = 0
         finite = True
         pending = []
@@ -358,8 +349,10 @@ class HessianReinit(keras.callbacks.Callback):
     # ----------------------------------------------------------- checkpoint
 
     def get_state(self) -> dict[str, Any]:
-        """The callback's progress (JSON-able): its batch RNG, counters and
-        history, for `set_state` after a resumed run."""
+        """The callback's progress (JSON-able), for `set_state` after a resume.
+
+        Its batch RNG, counters and history.
+        """
         return {
             "rng": self._rng.bit_generator.state,
             "updates": self._updates,
@@ -368,8 +361,11 @@ class HessianReinit(keras.callbacks.Callback):
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Restores a `get_state` result: the resumed run then draws the
-        same batches, probes and initial values as an uninterrupted one."""
+        """Restores a `get_state` result.
+
+        The resumed run then draws the same batches, probes and initial values
+        as an uninterrupted one.
+        """
         self._rng.bit_generator.state = state["rng"]
         self._updates = int(state["updates"])
         self._calls = int(state["calls"])
@@ -378,18 +374,22 @@ class HessianReinit(keras.callbacks.Callback):
     # ------------------------------------------------------------ callbacks
 
     def on_train_begin(self, logs: Any = None) -> None:
+        """Checks ``n_layers`` against the model before training starts."""
         self._selected_layers()  # fail early on a bad n_layers
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        """Resets the epoch's counts of changed weights and skips."""
         self._epoch_weights = 0
         self._epoch_skipped = 0
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        """Re-initializes after every `every`-th training step."""
         self._updates += 1
         if self._updates % self.every == 0:
             self._epoch_weights += self.reinitialize()
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        """Logs the epoch's counts of changed weights and skips."""
         if logs is not None:
             logs["hessian_reinit_weights"] = float(self._epoch_weights)
             logs["hessian_reinit_skipped"] = float(self._epoch_skipped)

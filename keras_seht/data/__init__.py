@@ -13,7 +13,6 @@ importing ``keras_seht`` never pulls them in.
   augmented batches for any backend.
 
 Example:
-
 >>> from keras_seht.data import ArrayDataset, load_digits
 >>> (x_train, y_train), (x_test, y_test) = load_digits(flatten=True)
 >>> batches = ArrayDataset(x_train, y_train, batch_size=64, seed=0)

@@ -36,7 +36,6 @@ def load_digits(
         ValueError: `test_fraction` is not in (0, 1).
 
     Example:
-
     >>> from keras_seht.data import load_digits
     >>> (x_train, y_train), (x_test, y_test) = load_digits()
     >>> x_train.shape, x_test.shape

@@ -51,7 +51,6 @@ class ArrayDataset(keras.utils.PyDataset):
         **kwargs: Passed to `keras.utils.PyDataset` (``workers``, ...).
 
     Example:
-
     >>> import numpy as np
     >>> from keras_seht.data.pipeline import ArrayDataset
     >>> ds = ArrayDataset(np.arange(10.0), np.arange(10), batch_size=4)
@@ -158,11 +157,13 @@ def random_crop_flip(padding: int = 4, flip: bool = True) -> Augment:
 
 
 def cutout(size: int) -> Augment:
-    """Zeroes one ``size x size`` square per image, as in DeVries & Taylor
-    (2017): rows ``cy - size//2 .. cy - size//2 + size - 1`` (columns
+    """Zeroes one ``size x size`` square per image (DeVries & Taylor, 2017).
+
+    Rows ``cy - size//2 .. cy - size//2 + size - 1`` (columns
     likewise) with the centre ``(cy, cx)`` uniform over the image and the
     square clipped at the borders. 16 for CIFAR-10, 8 for CIFAR-100.
-    Apply it after normalization, so the square is the mean image."""
+    Apply it after normalization, so the square is the mean image.
+    """
     size = check_int("size", size)
 
     def apply(

@@ -179,8 +179,10 @@ def load_cifar(
     test_limit: int | None = None,
     download: bool = True,
 ) -> tuple[Split, Split]:
-    """CIFAR-10 or CIFAR-100 (50,000 train and 10,000 test 32x32x3 images)
-    from TFDS; `num_classes` is 10 or 100. See `load_image_dataset`."""
+    """CIFAR-10 or CIFAR-100 from TFDS; `num_classes` is 10 or 100.
+
+    50,000 train and 10,000 test 32x32x3 images. See `load_image_dataset`.
+    """
     check_choice("num_classes", num_classes, (10, 100))
     return load_image_dataset(
         f"cifar{num_classes}",

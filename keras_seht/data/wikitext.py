@@ -171,8 +171,10 @@ class Corpus:
 
 
 def _find_files(data_dir: str) -> dict[str, str] | None:
-    """The three split files in `data_dir` (or in its ``wikitext-2``
-    subfolder), under either naming; None when they are not all there."""
+    """The three split files in `data_dir`, or None when they are not all there.
+
+    They may be in its ``wikitext-2`` subfolder, under either naming.
+    """
     for folder in (data_dir, os.path.join(data_dir, "wikitext-2")):
         for names in (FILE_NAMES, ALT_FILE_NAMES):
             paths = {s: os.path.join(folder, names[s]) for s in SPLITS}
@@ -283,7 +285,6 @@ def load_wikitext2(
             `data_dir`.
 
     Example:
-
     >>> corpus = load_wikitext2("data/wikitext-2")  # doctest: +SKIP
     >>> corpus.vocab_size  # doctest: +SKIP
     33278
@@ -340,7 +341,6 @@ def batchify(ids: Any, batch_size: int) -> np.ndarray:
         An int32 array of shape ``(batch_size, len(ids) // batch_size)``.
 
     Example:
-
     >>> batchify(np.arange(10), 3)
     array([[0, 1, 2],
            [3, 4, 5],
@@ -419,7 +419,6 @@ class BPTTDataset(keras.utils.PyDataset):
             ``use_multiprocessing``, ``max_queue_size``).
 
     Example:
-
     >>> ds = BPTTDataset(np.arange(21), batch_size=2, seq_len=4)
     >>> ds.data
     array([[ 0,  1,  2,  3,  4,  5,  6,  7,  8,  9],

@@ -1,5 +1,7 @@
-"""The CIFAR experiments of the SEHT paper, shared by the example scripts
-``examples/cifar10_resnet18.py`` and ``examples/cifar100_wrn.py``.
+"""The CIFAR experiments of the SEHT paper.
+
+Shared by the example scripts ``examples/cifar10_resnet18.py`` and
+``examples/cifar100_wrn.py``.
 
 A `CifarRecipe` holds what differs between the two (model, optimizer,
 schedule, Cutout size); `main` parses the common command line, loads the
@@ -79,6 +81,7 @@ class CifarRecipe:
 
 
 def make_parser(recipe: CifarRecipe) -> argparse.ArgumentParser:
+    """The command-line parser of a CIFAR example, from its `recipe`."""
     parser = argparse.ArgumentParser(description=recipe.description)
     cli.add_run_arguments(
         parser,

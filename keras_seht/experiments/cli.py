@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 
 def positive_int(value: str) -> int:
-    """argparse type: an integer >= 1."""
+    """An argparse type: an integer >= 1."""
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
@@ -17,7 +17,7 @@ def positive_int(value: str) -> int:
 
 
 def non_negative_float(value: str) -> float:
-    """argparse type: a finite number >= 0."""
+    """An argparse type: a finite number >= 0."""
     number = float(value)
     if not math.isfinite(number) or number < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
@@ -25,7 +25,7 @@ def non_negative_float(value: str) -> float:
 
 
 def seeds(value: str) -> list[int]:
-    """argparse type: ``"0,1,2"`` or a range ``"0-4"`` of seeds >= 0."""
+    """An argparse type: ``"0,1,2"`` or a range ``"0-4"`` of seeds >= 0."""
     found: list[int] = []
     try:
         for part in value.split(","):
@@ -44,9 +44,11 @@ def seeds(value: str) -> list[int]:
 
 
 def choices(allowed: Sequence[str], combine: bool = False) -> Any:
-    """argparse type: a comma-separated list of names from `allowed`, or
-    with `combine`, of ``baseline`` and ``+``-joins of names from
-    `allowed` (``seht-d+cutout``)."""
+    """An argparse type: a comma-separated list of names from `allowed`.
+
+    With `combine`, a list of ``baseline`` and ``+``-joins of names from
+    `allowed` (``seht-d+cutout``).
+    """
 
     def known(name: str) -> bool:
         if not combine:
@@ -82,11 +84,14 @@ def add_run_arguments(
     download_flag: bool = False,
     combine: bool = False,
 ) -> None:
-    """Adds the arguments every example has: ``--methods``, ``--seeds``,
+    """Adds the arguments every example has.
+
+    These are ``--methods``, ``--seeds``,
     ``--epochs``, ``--batch-size``, ``--output-dir``, ``--data-dir``,
     ``--smoke``, ``--verbose`` (and ``--no-download`` with
     `download_flag`). With `combine`, a method is ``baseline`` or
-    ``+``-joined names from `methods`."""
+    ``+``-joined names from `methods`.
+    """
     parser.add_argument(
         "--methods",
         "--method",
@@ -167,7 +172,9 @@ def run_config(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
 
 
 def apply_smoke(args: argparse.Namespace, caps: dict[str, int]) -> None:
-    """For ``--smoke``: lowers each argument named in `caps` to at most
-    its cap (a value already below stays)."""
+    """For ``--smoke``: lowers each argument named in `caps` to at most its cap.
+
+    A value already below its cap stays.
+    """
     for key, cap in caps.items():
         setattr(args, key, min(getattr(args, key), cap))

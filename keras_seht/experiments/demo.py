@@ -210,8 +210,10 @@ def _compile(model: keras.Model, estimator: Any, learning_rate: float) -> None:
 def _warm_up(
     name: str, x: np.ndarray, y: np.ndarray, args: argparse.Namespace
 ) -> None:
-    """One untimed plain step, so one-off backend set-up costs are not
-    charged to the first timed run."""
+    """Warm-up: one untimed plain step.
+
+    One-off backend set-up costs are then not charged to the first timed run.
+    """
     keras.utils.set_random_seed(args.seed)
     model = BUILDERS[name]()
     _compile(model, None, args.learning_rate)

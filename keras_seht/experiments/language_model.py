@@ -64,6 +64,7 @@ SMOKE = {"epochs": 2, "units": 16, "embed_dim": 16, "seq_len": 8}
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The command-line parser of the WikiText-2 example."""
     parser = argparse.ArgumentParser(
         description="WikiText-2 word-level LSTM/GRU language model with "
         "SEHT (the SEHT paper's third table)."
@@ -118,9 +119,11 @@ class StatefulEvaluation(keras.callbacks.Callback):
         self.best = math.inf
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        """Resets the training model's hidden state."""
         reset_rnn_states(self.model)
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        """Measures the validation perplexity; saves a new best's weights."""
         weights = [
             keras.ops.convert_to_numpy(v.value)
             for v in self.model.trainable_variables
@@ -135,17 +138,21 @@ class StatefulEvaluation(keras.callbacks.Callback):
             save_weights(self.best_path, weights)
 
     def get_state(self) -> dict[str, Any]:
+        """The callback's state (the best ``val_loss``), for checkpoints."""
         return {"best": self.best}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a `get_state` result."""
         self.best = float(state["best"])
 
 
 def evaluate_perplexity(
     model: keras.Model, weights: list[np.ndarray], data: BPTTDataset
 ) -> float:
-    """Exact perplexity of `data` (one pass, fresh hidden state) with
-    `weights` as the trainable variables of `model`."""
+    """Exact perplexity of `data` with `model`'s trainable variables `weights`.
+
+    One pass, from a fresh hidden state.
+    """
     for variable, value in zip(model.trainable_variables, weights):
         variable.assign(value)
     reset_rnn_states(model)
@@ -154,10 +161,12 @@ def evaluate_perplexity(
 
 
 def save_weights(path: str, weights: list[np.ndarray]) -> None:
+    """Writes `weights` to `path` (a ``.npz`` file), atomically."""
     write_npz(path, *weights)
 
 
 def load_weights(path: str) -> list[np.ndarray]:
+    """The weights that `save_weights` wrote to `path`."""
     with np.load(path) as data:
         return [data[f"arr_{i}"] for i in range(len(data.files))]
 

@@ -60,6 +60,7 @@ class CoupledSGD(keras.optimizers.SGD):
         self.l2_decay = float(l2_decay)
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any):
+        """SGD's update, with ``l2_decay * variable`` added to the gradient."""
         if self.l2_decay:
             gradient = keras.ops.add(
                 gradient,
@@ -70,6 +71,7 @@ class CoupledSGD(keras.optimizers.SGD):
         return super().update_step(gradient, variable, learning_rate)
 
     def get_config(self) -> dict[str, Any]:
+        """The optimizer's config, ``l2_decay`` included."""
         return {**super().get_config(), "l2_decay": self.l2_decay}
 
 
@@ -78,42 +80,53 @@ class CoupledSGD(keras.optimizers.SGD):
 
 @dataclasses.dataclass(frozen=True)
 class Cosine:
-    """:math:`\\eta_e = \\frac{\\eta_0}{2}(1 + \\cos(\\pi e / E))` at epoch
-    ``e`` of ``E`` (PyTorch's ``CosineAnnealingLR`` stepped per epoch)."""
+    r"""Cosine annealing of the learning rate from ``base`` over ``epochs``.
+
+    :math:`\eta_e = \frac{\eta_0}{2}(1 + \cos(\pi e / E))` at epoch
+    ``e`` of ``E`` (PyTorch's ``CosineAnnealingLR`` stepped per epoch).
+    """
 
     base: float
     epochs: int
 
     def __call__(self, epoch: int, history: dict[str, list]) -> float:
+        """The learning rate at `epoch`."""
         return self.base * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
 
 
 @dataclasses.dataclass(frozen=True)
 class StepDecay:
-    """:math:`\\eta_0 \\cdot` ``factor`` to the number of ``milestones``
-    reached (``MultiStepLR``: 0.1 divided by 5 at epochs 60, 120, 160)."""
+    r"""Step decay: the rate times ``factor`` at each of the ``milestones``.
+
+    :math:`\eta_0 \cdot` ``factor`` to the number of ``milestones``
+    reached (``MultiStepLR``: 0.1 divided by 5 at epochs 60, 120, 160).
+    """
 
     base: float
     milestones: tuple[int, ...]
     factor: float
 
     def __call__(self, epoch: int, history: dict[str, list]) -> float:
+        """The learning rate at `epoch`."""
         reached = sum(epoch >= m for m in self.milestones)
         return self.base * self.factor**reached
 
 
 @dataclasses.dataclass(frozen=True)
 class PlateauDecay:
-    """The classic word-language-model rule: after an epoch whose
-    ``monitor`` (validation loss) is not below the best so far, divide the
-    learning rate by ``1 / factor`` (4). A function of the history, so a
-    resumed run gets the same rates."""
+    """The classic word-language-model learning-rate rule.
+
+    After an epoch whose ``monitor`` (validation loss) is not below the best
+    so far, divide the learning rate by ``1 / factor`` (4). A function of the
+    history, so a resumed run gets the same rates.
+    """
 
     base: float
     factor: float
     monitor: str = "val_loss"
 
     def __call__(self, epoch: int, history: dict[str, list]) -> float:
+        """The learning rate at `epoch`, from `history`'s ``monitor`` values."""
         values = history.get(self.monitor, [])[:epoch]
         lr, best = self.base, math.inf
         for value in values:
@@ -137,8 +150,11 @@ def step_decay(
 
 
 def plateau_decay(base: float, factor: float = 0.25) -> PlateauDecay:
-    """`base`, times `factor` after every epoch without a new best
-    validation loss."""
+    """The rate `base`, decayed by `factor` on plateaus of the validation loss.
+
+    It is multiplied by `factor` after every epoch without a new best
+    validation loss.
+    """
     return PlateauDecay(float(base), float(factor))
 
 
@@ -159,8 +175,11 @@ COMPONENTS = (
 
 
 def parse_method(method: str, allowed: Sequence[str] = COMPONENTS) -> set[str]:
-    """``"baseline"`` -> ``set()``; ``"seht-d+dropout"`` -> ``{"seht-d",
-    "dropout"}``. Unknown parts (not in `allowed`) raise a ValueError."""
+    """The set of parts of `method`, a ``+``-joined name or ``"baseline"``.
+
+    ``"baseline"`` -> ``set()``; ``"seht-d+dropout"`` -> ``{"seht-d",
+    "dropout"}``. Unknown parts (not in `allowed`) raise a ValueError.
+    """
     if method == "baseline":
         return set()
     parts = method.split("+")
@@ -181,9 +200,11 @@ def penalties(
     p: float,
     max_iter: int | None,
 ) -> list[Any]:
-    """The ``compile(seht=[...])`` list of a method's parts: SEHT-D(`p`,
-    `max_iter` or 1), SEHT-H(`max_iter` or 5) at `strength`, the
-    Jacobian penalty (n_proj 1, 0.01) and the confidence penalty (0.1)."""
+    """The ``compile(seht=[...])`` list of a method's parts.
+
+    SEHT-D(`p`, `max_iter` or 1), SEHT-H(`max_iter` or 5) at `strength`, the
+    Jacobian penalty (n_proj 1, 0.01) and the confidence penalty (0.1).
+    """
     from keras_seht import SEHTD, SEHTH
     from keras_seht.penalties import ConfidencePenalty, Jacobian
 

@@ -1,9 +1,9 @@
-"""Tables and curves from finished example runs (the SEHT paper's format).
+r"""Tables and curves from finished example runs (the SEHT paper's format).
 
 Run it with::
 
     python -m keras_seht.experiments.report RUNS_DIR
-    python -m keras_seht.experiments.report RUNS_DIR --output-dir out \\
+    python -m keras_seht.experiments.report RUNS_DIR --output-dir out \
         --metric test_accuracy test_top5_accuracy
 
 It searches ``RUNS_DIR`` recursively for ``results.json`` files written by
@@ -150,6 +150,7 @@ class MethodSummary:
 
     @property
     def seeds(self) -> list[Any]:
+        """The seeds of the runs, in order."""
         return [run.seed for run in self.runs]
 
 
@@ -468,7 +469,7 @@ def _number(value: float, kind: str, sign: bool = False) -> str:
 
 
 def format_stat(stat: Stat, metric: str, n_runs: int | None = None) -> str:
-    """ "mean ± SE" in the metric's style; "value (n=1)" for one seed.
+    """The stat, "mean ± SE" in the metric's style; "value (n=1)" for one seed.
 
     When the metric has fewer values than the method has runs
     (`n_runs`), the count is added: "mean ± SE (n=2)".
@@ -553,8 +554,11 @@ def format_report(
     skipped: Sequence[str] = (),
     runs_dir: str | os.PathLike | None = None,
 ) -> str:
-    """The whole report in Markdown: one section per experiment (caption,
-    table, runs left out), then the skipped files."""
+    """The whole report in Markdown.
+
+    One section per experiment (caption, table, runs left out), then the
+    skipped files.
+    """
     root = None if runs_dir is None else os.fspath(runs_dir)
     n_complete = sum(row.n for s in summaries for row in s.methods)
     n_incomplete = sum(len(s.incomplete) for s in summaries)
@@ -620,8 +624,10 @@ def _relative_message(message: str, root: str | None) -> str:
 
 
 def _stack(series: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-    """(epochs, mean, SE, count) over runs, epoch by epoch, ignoring
-    NaN and runs shorter than the longest (no numpy warnings)."""
+    """(epochs, mean, SE, count) over runs, epoch by epoch.
+
+    Ignores NaN and runs shorter than the longest (no numpy warnings).
+    """
     length = max(len(s) for s in series)
     data = np.full((len(series), length), np.nan)
     for i, s in enumerate(series):
@@ -789,8 +795,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the report; returns the exit status (0: success, 1: no runs
-    to report or a bad ``--metric``; 2: bad arguments, from argparse)."""
+    """Runs the report; returns the exit status.
+
+    0: success, 1: no runs to report or a bad ``--metric``; 2: bad
+    arguments, from argparse.
+    """
     args = make_parser().parse_args(
         None if argv is None else [str(a) for a in argv]
     )

@@ -131,8 +131,11 @@ def save_checkpoint(
     meta: dict[str, Any],
     callbacks: Sequence[Any] = (),
 ) -> None:
-    """Writes the model's and optimizer's variables, the torch RNG, the
-    callbacks' states and `meta` (JSON-able) to `path`, atomically."""
+    """Writes a checkpoint of the run to `path`, atomically.
+
+    The model's and optimizer's variables, the torch RNG, the callbacks'
+    states and `meta` (JSON-able).
+    """
     arrays: dict[str, np.ndarray] = {}
     for i, v in enumerate(model.variables):
         arrays[f"model_{i}"] = keras.ops.convert_to_numpy(v.value)
@@ -153,7 +156,8 @@ def load_checkpoint(
 
     The torch RNG state is not set here: it comes back in
     ``meta["torch_rng"]`` (under torch), for `run_training` to set when
-    the next `fit` starts training."""
+    the next `fit` starts training.
+    """
     with np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data["meta"]))
         groups = (
@@ -194,8 +198,10 @@ def load_checkpoint(
 
 
 class _Progress(keras.callbacks.ProgbarLogger):
-    """Keras' progress bar, showing the run's epochs ("Epoch 3/200"), not
-    the one-epoch `fit` call's ("Epoch 3/3")."""
+    """Keras' progress bar, showing the run's epochs ("Epoch 3/200").
+
+    Not the one-epoch `fit` call's ("Epoch 3/3").
+    """
 
     def __init__(self, epochs: int) -> None:
         super().__init__()
