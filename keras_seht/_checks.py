@@ -38,21 +38,8 @@ def check_choice(name: str, value: Any, allowed: Sequence[T]) -> T:
 
 
 def check_strength(strength: Any) -> float:
-    """`strength` as a finite float >= 0."""
-    try:
-        value = float(strength)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if (
-        isinstance(strength, (bool, str, bytes))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(
-            "`strength` must be a finite number >= 0. Received: strength="
-            f"{strength!r}"
-        )
-    return value
+    """`strength` as a finite float >= 0 (bools and strings refused)."""
+    return check_nonnegative("strength", strength)
 
 
 def seed_generator(seed: Any) -> Any:
@@ -96,10 +83,7 @@ def check_bool(name: str, value: Any, allow_none: bool = False) -> Any:
 
 def check_probability(name: str, value: Any, high: float = 1.0) -> float:
     """`value` as a float in the interval (0, `high`] (bools refused)."""
-    try:
-        prob = float("nan") if isinstance(value, bool) else float(value)
-    except (TypeError, ValueError):
-        prob = float("nan")
+    prob = _number(value)
     if not (0.0 < prob <= high):
         raise ValueError(
             f"`{name}` must be in the interval (0, {high:g}]. Received: "
@@ -108,18 +92,31 @@ def check_probability(name: str, value: Any, high: float = 1.0) -> float:
     return prob
 
 
+def _number(value: Any) -> float:
+    """`value` as a float; NaN for bools, strings and non-numbers."""
+    if isinstance(value, (bool, str, bytes)):
+        return float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def check_positive(name: str, value: Any) -> float:
     """`value` as a finite float > 0 (bools and strings refused)."""
-    try:
-        number = (
-            float("nan")
-            if isinstance(value, (bool, str, bytes))
-            else float(value)
-        )
-    except (TypeError, ValueError):
-        number = float("nan")
+    number = _number(value)
     if not (math.isfinite(number) and number > 0):
         raise ValueError(
             f"`{name}` must be a finite float > 0. Received: {name}={value!r}"
+        )
+    return number
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    """`value` as a finite float >= 0 (bools and strings refused)."""
+    number = _number(value)
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(
+            f"`{name}` must be a finite number >= 0. Received: {name}={value!r}"
         )
     return number
