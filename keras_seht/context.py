@@ -74,6 +74,11 @@ class StepPlan:
             `StepContext.input_products`, or None.
         loss_gradient: Whether `StepContext.loss_gradient` is read (the
             backend then builds it for every variable, once).
+        first_order_gradient: Whether ``loss_gradient(differentiable=False)``
+            is read: the plain gradient, a constant of the objective.
+        shifted_losses: Whether `StepContext.loss_at` is read (the
+            backend then keeps the non-trainable values of before the
+            forward pass for those stateless passes).
         forward_graph: Whether anything is differentiated at the weights
             themselves (False only for a lone antithetic estimator, whose
             update comes from the perturbed passes alone).
@@ -89,6 +94,8 @@ class StepPlan:
     epsilon: float | None = None
     input_cotangents: list[Any] | None = None
     loss_gradient: bool = False
+    first_order_gradient: bool = False
+    shifted_losses: bool = False
     forward_graph: bool = False
     constant_loss: bool = False
 
@@ -124,6 +131,9 @@ class StepContext(Protocol):
         scaled_loss: :math:`f = s L`, the compiled loss (with
             ``model.losses``) scaled; a constant with
             ``plan.constant_loss``.
+        weights: The trainable values :math:`w` the objective is
+            differentiated at (one tensor per trainable variable).
+        batch_size: The static batch size (None if it is dynamic).
     """
 
     model: Any
@@ -133,11 +143,20 @@ class StepContext(Protocol):
     scale: Any
     outputs: Any
     scaled_loss: Any
+    weights: list[Any]
+    batch_size: int | None
 
-    def loss_gradient(self) -> list[Any]:
+    def loss_gradient(
+        self, differentiable: bool = True, part: tuple[int, int] | None = None
+    ) -> list[Any]:
         r""":math:`\nabla_w f`, one tensor per trainable variable.
 
-        It is itself differentiable (its derivative is a double backward).
+        ``differentiable=True``: itself differentiable (its derivative is a
+        double backward). ``differentiable=False``: a constant of the
+        objective (first-order autodiff only); with ``part=(start,
+        stop)``, the gradient of the loss of that slice of the batch
+        alone, from a stateless pass with the step's non-trainable state
+        of before the forward pass.
         """
 
     def quadratic_form(self) -> Any:
@@ -154,6 +173,19 @@ class StepContext(Protocol):
         That is :math:`\frac1K \sum_k [f(w + \epsilon\sigma_k) + f(w -
         \epsilon\sigma_k)]` with the plan's ``epsilon``, from stateless
         passes with the step's non-trainable state.
+        """
+
+    def loss_at(
+        self, shift: list[Any], part: tuple[int, int] | None = None
+    ) -> Any:
+        r"""The scaled loss at shifted weights, :math:`f(w + \delta)`.
+
+        The shift :math:`\delta` is a constant (one tensor per trainable
+        variable). Differentiable in :math:`w` (its gradient is
+        :math:`\nabla f(w + \delta)`); a stateless pass with the step's
+        non-trainable state of before the forward pass (the same Dropout
+        masks and BatchNorm mode, whose statistics it does not update);
+        with ``part=(start, stop)``, the loss of that slice of the batch.
         """
 
     def input_products(self) -> list[list[Any]]:

@@ -225,6 +225,15 @@ class CurvatureEstimator(Penalty):
         return self.curvature == "hessian" and self.method == "exact"
 
     @property
+    def replaces_loss_gradient(self) -> bool:  # type: ignore[override]
+        """Whether the loss's own gradient is replaced (antithetic).
+
+        L + strength t_eps is then the mean of the perturbed losses, with
+        no gradient of L(w) left.
+        """
+        return self.method == "antithetic"
+
+    @property
     def needs_double_backward(self) -> bool:
         """Whether the step differentiates through HVPs (the exact method)."""
         return self.method == "exact"
@@ -255,7 +264,9 @@ class CurvatureEstimator(Penalty):
             curvature=self.curvature,
             epsilon=self.step_epsilon if smoothed else None,
         )
-        if self.method == "antithetic":
+        # Not Penalty.plan: the quadratic form builds the loss gradient it
+        # needs itself (over the probed variables only, on torch).
+        if self.replaces_loss_gradient:
             plan.constant_loss = True
         else:
             plan.forward_graph = True

@@ -42,7 +42,13 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_seht._checks import check_bool, check_int, check_strength
+from keras_seht._checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_positive,
+    check_strength,
+)
 
 if TYPE_CHECKING:
     from keras_seht.context import DrawSpec, StepContext, StepPlan
@@ -81,6 +87,11 @@ class Penalty:
     needs_loss_gradient = False
     #: Whether R is a function of d(output)/d(input).
     needs_input_gradient = False
+    #: Whether the penalty's objective replaces the loss's own gradient at
+    #: the weights (SAM's update is grad L(w + e) alone; the antithetic
+    #: estimator's is the mean of the perturbed gradients): the step then
+    #: holds the loss at w as a constant. At most one penalty a step.
+    replaces_loss_gradient = False
 
     def __init__(self, strength: float = 1e-3) -> None:
         self.strength = check_strength(strength)
@@ -98,7 +109,10 @@ class Penalty:
         asks for the differentiable forward pass (and, with
         `needs_loss_gradient`, the loss gradient).
         """
-        plan.forward_graph = True
+        if self.replaces_loss_gradient:
+            plan.constant_loss = True
+        else:
+            plan.forward_graph = True
         plan.loss_gradient = plan.loss_gradient or self.needs_loss_gradient
 
     def __call__(self, context: StepContext) -> Any:
@@ -110,6 +124,15 @@ class Penalty:
     def objective_value(self, value: Any) -> Any:
         """What enters the loss for a computed value R (R itself here)."""
         return value
+
+    def loss_term(self, value: Any) -> Any:
+        """The penalty's share of the logged ``loss`` for a value R.
+
+        ``strength * objective_value(R)``, as Keras logs weight
+        regularization; a penalty that only steers the update (SAM)
+        returns 0.
+        """
+        return self.strength * self.objective_value(value)
 
     def get_config(self) -> dict[str, Any]:
         """The penalty's constructor arguments, for Keras serialization."""
@@ -421,28 +444,112 @@ class GradientNorm(Penalty):
 
     the squared norm of the compiled loss's gradient with respect to all
     trainable weights (the penalty of Drucker & LeCun's double
-    backpropagation, on the weights). Its gradient is :math:`2 H \nabla L`,
-    a Hessian-vector product: one double backward, like SEHT-H with one
-    probe but deterministic. It is computed from the same differentiable
-    gradient as the loss's own, so combined with SEHT it costs one more
-    HVP.
+    backpropagation, on the weights). Its gradient is :math:`2 H g`,
+    :math:`g = \nabla L`, a Hessian-vector product.
+
+    ``method="exact"`` (the default) differentiates R exactly: one double
+    backward, like SEHT-H with one probe but deterministic, from the same
+    differentiable gradient as the loss's own (combined with SEHT it costs
+    one more HVP). ``method="finite_difference"`` is the gradient-norm
+    penalty of Zhao, Zhang and Hu (GNP, 2022), opt-in: :math:`Hg` by a
+    forward difference of two first-order gradients along :math:`\hat g =
+    g / \lVert g\rVert` with step :math:`r` (``epsilon``),
+
+    .. math::
+
+        \nabla R \approx \frac{2\lVert g\rVert}{r}
+            \big(\nabla L(w + r\hat g) - \nabla L(w)\big),
+
+    so the update is :math:`(1 - \alpha)\nabla L(w) + \alpha\nabla L(w +
+    r\hat g)` with :math:`\alpha = 2\,\text{strength}\,\lVert g\rVert / r`.
+    Its error is :math:`O(r)` (the third derivative), and it needs no
+    double backward (cuDNN RNNs, DDP hooks). Both methods penalize the
+    *squared* norm, so ``strength`` means the same for both; GNP's
+    :math:`\lambda \lVert g\rVert` with a fixed :math:`\alpha =
+    \lambda / r` is this with ``strength`` :math:`= \lambda / (2\lVert g
+    \rVert)`. With :math:`\alpha = 1` and :math:`r = \rho` the update is
+    SAM's, :math:`\nabla L(w + \rho\hat g)` (`keras_seht.SAM`).
 
     Args:
         strength: Multiplier of R in the loss.
+        method: ``"exact"`` or ``"finite_difference"``.
+        epsilon: The step :math:`r` of ``"finite_difference"`` (default
+            0.01; > 0); None for ``"exact"``.
+
+    References:
+        Yang Zhao, Hao Zhang, Xiuyuan Hu. "Penalizing Gradient Norm for
+        Efficiently Improving Generalization in Deep Learning." ICML 2022,
+        arXiv:2202.03599.
 
     Example:
     >>> GradientNorm(strength=0.01)
-    GradientNorm(strength=0.01)
+    GradientNorm(strength=0.01, method='exact', epsilon=None)
+    >>> GradientNorm(method="finite_difference").epsilon
+    0.01
     """
 
     log_name = "gradient_norm_sq"
-    needs_loss_gradient = True
 
-    def __init__(self, strength: float = 0.01) -> None:
+    def __init__(
+        self,
+        strength: float = 0.01,
+        method: str = "exact",
+        epsilon: float | None = None,
+    ) -> None:
         super().__init__(strength)
+        self.method = check_choice(
+            "method", method, ("exact", "finite_difference")
+        )
+        if method == "exact" and epsilon is not None:
+            raise ValueError(
+                "`epsilon` applies to method='finite_difference' only. "
+                f"Received: epsilon={epsilon!r}, method='exact'"
+            )
+        if method == "finite_difference":
+            epsilon = (
+                0.01 if epsilon is None else check_positive("epsilon", epsilon)
+            )
+        self.epsilon = epsilon
+
+    @property
+    def needs_loss_gradient(self) -> bool:  # type: ignore[override]
+        """Exact: R's gradient is a double backward of the loss gradient."""
+        return self.method == "exact"
+
+    def plan(self, plan: StepPlan, spec: DrawSpec) -> None:
+        """The differentiable gradient, or the two first-order ones."""
+        super().plan(plan, spec)
+        if self.method == "finite_difference":
+            plan.first_order_gradient = True
+            plan.shifted_losses = True
 
     def __call__(self, context: StepContext) -> Any:
         r""":math:`s\lVert\nabla L\rVert^2 = \lVert\nabla (sL)\rVert^2 / s`."""
-        grads = context.loss_gradient()
-        total = sum(ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads)
-        return total / ops.cast(context.scale, "float32")
+        scale = ops.cast(context.scale, "float32")
+        exact = self.method == "exact"
+        grads = context.loss_gradient(differentiable=exact)
+        grads = [ops.cast(g, "float32") for g in grads]
+        total = sum(ops.sum(ops.square(g)) for g in grads)
+        if exact:
+            return total / scale
+        norm = ops.sqrt(total)
+        safe = ops.maximum(norm, 1e-38)
+        r = float(self.epsilon or 0.0)
+        shift = [
+            ops.cast(ops.where(norm > 0, r * g / safe, 0.0), w.dtype)
+            for g, w in zip(grads, context.weights)
+        ]
+        difference = ops.cast(context.loss_at(shift), "float32") - ops.cast(
+            context.scaled_loss, "float32"
+        )
+        slope = 2.0 * norm / (scale * r)
+        carrier = slope * difference
+        return total / scale + (carrier - ops.stop_gradient(carrier))
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, for Keras serialization."""
+        return {
+            "strength": self.strength,
+            "method": self.method,
+            "epsilon": self.epsilon,
+        }

@@ -37,13 +37,16 @@ from keras_seht.penalties import (
     Jacobian,
     Penalty,
 )
+from keras_seht.sharpness import ASAM, SAM
 
 __all__ = [
+    "ASAM",
     "CurvatureEstimator",
     "ConfidencePenalty",
     "GradientNorm",
     "Jacobian",
     "Penalty",
+    "SAM",
     "SEHTD",
     "SEHTH",
     "deserialize",
@@ -51,8 +54,18 @@ __all__ = [
     "serialize",
 ]
 
-ALL_OBJECTS = {SEHTH, SEHTD, Jacobian, ConfidencePenalty, GradientNorm}
+ALL_OBJECTS = {
+    SEHTH,
+    SEHTD,
+    Jacobian,
+    ConfidencePenalty,
+    GradientNorm,
+    SAM,
+    ASAM,
+}
 ALIASES = {
+    "sam": SAM,
+    "asam": ASAM,
     "seht_h": SEHTH,
     "seht_d": SEHTD,
     "jacobian": Jacobian,
@@ -228,6 +241,14 @@ def _get_list(identifiers: Sequence[Any]) -> list[Penalty]:
             "A `seht` list may hold one penalty of each kind (at most one "
             f"curvature estimator); these would share the log entries "
             f"{repeated}. Received: seht={identifiers!r}"
+        )
+    replacing = [p for p in penalties if p.replaces_loss_gradient]
+    if len(replacing) > 1:
+        raise ValueError(
+            "A `seht` list may hold at most one penalty that replaces the "
+            "loss's own gradient (SAM/ASAM, an antithetic estimator): their "
+            "updates would each count the loss. Received: "
+            f"seht={identifiers!r}"
         )
     return penalties
 

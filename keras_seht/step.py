@@ -178,6 +178,13 @@ def batch_size(x: Any) -> Any:
     return ops.shape(first)[0]
 
 
+def static_batch_size(x: Any) -> int | None:
+    """The batch size of `x` if it is static, else None."""
+    first = next(i for i in keras.tree.flatten(x) if i is not None)
+    size = first.shape[0]
+    return None if size is None else int(size)
+
+
 def train_step(run: StepRun, model: SEHTModel) -> Any:
     """One step of the regularized objective (``model.seht`` is set).
 
@@ -201,7 +208,10 @@ def train_step(run: StepRun, model: SEHTModel) -> Any:
     overflow = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     gradients = run.gradients(finite, overflow)
     loss = ops.cast(loss, "float32")
-    total = ops.where(finite, loss + objective(penalties, values), loss)
+    logged = loss
+    for penalty, value in zip(penalties, values):
+        logged = logged + penalty.loss_term(value)
+    total = ops.where(finite, logged, loss)
     return run.apply(gradients, total, values, finite)
 
 

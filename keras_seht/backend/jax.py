@@ -269,10 +269,19 @@ class _Context:
         self.model, self.x, self.y = run.model, run.x, run.y
         self.sample_weight, self.scale = run.sample_weight, run.scale
         self._run, self._plan, self._w = run, plan, w
+        self.weights = w
+        self.batch_size = step.static_batch_size(run.x)
         self._grads = None
+        self._first_order = None
         self._t = None
         probes = run.stacked_probes or []
-        if run.exact_hessian and run.forward_over_forward:
+        if plan.first_order_gradient and not probes:
+            # One forward and backward pass give f(w) and its gradient.
+            (scaled_loss, extra), grads = jax.value_and_grad(
+                run.base_fn, has_aux=True
+            )(w)
+            self._first_order = jax.lax.stop_gradient(grads)
+        elif run.exact_hessian and run.forward_over_forward:
             self._t, (scaled_loss, extra) = curvature_estimate(
                 run.base_fn, w, probes
             )
@@ -295,11 +304,37 @@ class _Context:
             else scaled_loss
         )
 
-    def loss_gradient(self) -> list[Any]:
-        if self._grads is None:
-            base_fn = self._run.base_fn
-            self._grads = jax.grad(lambda v: base_fn(v)[0])(self._w)
-        return self._grads
+    def loss_gradient(
+        self, differentiable: bool = True, part: tuple[int, int] | None = None
+    ) -> list[Any]:
+        """The loss gradient (see `keras_seht.context.StepContext`)."""
+        run = self._run
+        if differentiable:
+            if part is not None:
+                raise ValueError("A part's loss gradient is a constant.")
+            if self._grads is None:
+                base_fn = run.base_fn
+                self._grads = jax.grad(lambda v: base_fn(v)[0])(self._w)
+            return self._grads
+        if part is not None:
+            grads = jax.grad(lambda v: run.loss_fn(v, run.leaves, part)[0])
+            return jax.lax.stop_gradient(grads(self._w))
+        if self._first_order is None:
+            self._first_order = jax.lax.stop_gradient(
+                self._grads
+                if self._grads is not None
+                else jax.grad(lambda v: run.base_fn(v)[0])(self._w)
+            )
+        return self._first_order
+
+    def loss_at(
+        self, shift: list[Any], part: tuple[int, int] | None = None
+    ) -> Any:
+        """f(w + shift), with the step's non-trainable values."""
+        run = self._run
+        shift = jax.lax.stop_gradient(list(shift))
+        shifted = functional.shifted(self._w, shift, 1.0)
+        return run.loss_fn(shifted, run.leaves, part)[0]
 
     def quadratic_form(self) -> Any:
         return self._t
@@ -364,21 +399,35 @@ class StepRun:
         self.stacked_probes: list[Any] | None = None
         self.exact_hessian = self.forward_over_forward = False
 
-    def loss_fn(self, w: list[Any], leaves: Sequence[Any]) -> tuple[Any, Any]:
+    def loss_fn(
+        self,
+        w: list[Any],
+        leaves: Sequence[Any],
+        part: tuple[int, int] | None = None,
+    ) -> tuple[Any, Any]:
         """Keras' own stateless loss (scaled by a LossScaleOptimizer).
 
-        The float inputs at `_positions` are replaced by `leaves`.
+        The float inputs at `_positions` are replaced by `leaves`; with
+        `part`, on that slice of the batch alone.
         """
         flat = list(keras.tree.flatten(self.x))
         for i, leaf in zip(self._positions, leaves):
             flat[i] = leaf
+        batch = (
+            keras.tree.pack_sequence_as(self.x, flat),
+            self.y,
+            self.sample_weight,
+        )
+        if part is not None:
+            start, stop = part
+            batch = keras.tree.map_structure(
+                lambda t: None if t is None else t[start:stop], batch
+            )
         return self.model.compute_loss_and_updates(
             w,
             self.non_trainable_values,
             self.metrics_values,
-            keras.tree.pack_sequence_as(self.x, flat),
-            self.y,
-            self.sample_weight,
+            *batch,
             training=True,
             optimizer_variables=self.optimizer_values,
         )

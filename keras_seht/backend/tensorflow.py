@@ -152,13 +152,59 @@ class _Context:
     """
 
     def __init__(self, run: StepRun, plan: StepPlan) -> None:
+        import tensorflow as tf
+
         self.model, self.x, self.y = run.model, run.x, run.y
         self.sample_weight, self.scale = run.sample_weight, run.scale
         self.outputs, self.scaled_loss = run.y_pred, run.scaled_loss
+        if plan.constant_loss:
+            self.scaled_loss = tf.stop_gradient(run.scaled_loss)
+        self.weights = [v.value for v in run.trainable]
+        self.batch_size = step.static_batch_size(run.x)
         self._run, self._plan = run, plan
 
-    def loss_gradient(self) -> list[Any]:
-        return self._run.grads
+    def loss_gradient(
+        self, differentiable: bool = True, part: tuple[int, int] | None = None
+    ) -> list[Any]:
+        """The loss gradient (see `keras_seht.context.StepContext`)."""
+        import tensorflow as tf
+
+        if differentiable:
+            if part is not None:
+                raise ValueError("A part's loss gradient is a constant.")
+            return self._run.grads
+        if part is None:
+            return [tf.stop_gradient(g) for g in self._run.grads]
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(self.weights)
+            loss = self._loss_of(self.weights, part)
+        return [
+            tf.stop_gradient(g) for g in _gradient(tape, loss, self.weights)
+        ]
+
+    def _loss_of(self, weights: list[Any], part: tuple[int, int] | None) -> Any:
+        """The scaled loss at `weights` on the batch (or its slice `part`)."""
+        import tensorflow as tf
+
+        batch = (self.x, self.y, self.sample_weight)
+        if part is not None:
+            start, stop = part
+            batch = keras.tree.map_structure(
+                lambda t: None if t is None else t[start:stop], batch
+            )
+        loss = functional.stateless_loss(
+            self.model, weights, self._run.non_trainable, *batch, training=True
+        )[0]
+        return tf.cast(loss, self.scale.dtype) * self.scale
+
+    def loss_at(
+        self, shift: list[Any], part: tuple[int, int] | None = None
+    ) -> Any:
+        """f(w + shift), recorded by `outer`."""
+        import tensorflow as tf
+
+        shift = [tf.stop_gradient(s) for s in shift]
+        return self._loss_of(functional.shifted(self.weights, shift, 1.0), part)
 
     def quadratic_form(self) -> Any:
         import tensorflow as tf
@@ -295,6 +341,7 @@ class StepRun:
                     )
 
                 plan = make_plan(output_shape)
+                self.constant_loss = plan.constant_loss
                 # Recorded by `middle` and `outer`: g stays differentiable.
                 self.grads = _gradient(self.inner, scaled_loss, self.trainable)
                 self.products = []
@@ -324,11 +371,16 @@ class StepRun:
             ]
         else:
             fallback = self.grads
-        # tf.where, not a multiplication by 0: NaN * 0 is NaN.
-        return [
-            tf.where(finite, g + tf.cast(gp, g.dtype), gf)
-            for g, gp, gf in zip(self.grads, self.grad_penalty, fallback)
+        # The loss's own gradient g, unless a penalty replaces it (its
+        # objective then holds the loss as a constant).
+        total = [
+            tf.cast(gp, g.dtype)
+            if self.constant_loss
+            else g + tf.cast(gp, g.dtype)
+            for g, gp in zip(self.grads, self.grad_penalty)
         ]
+        # tf.where, not a multiplication by 0: NaN * 0 is NaN.
+        return [tf.where(finite, t, f) for t, f in zip(total, fallback)]
 
     def apply(
         self, gradients: list[Any], total: Any, values: list[Any], finite: Any

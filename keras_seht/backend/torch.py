@@ -243,11 +243,21 @@ class _Context:
                 plan.epsilon,
                 run.scale,
             )
+        self.weights = run.params
+        self.batch_size = step.static_batch_size(run.x)
+        # Before the stateful forward pass: `loss_at` sees the step's own
+        # seeds and BatchNorm statistics (cloned: they change in place).
+        self._non_trainable = [
+            v.value.clone() if plan.shifted_losses else v.value
+            for v in model.non_trainable_variables
+        ]
         x, self._leaves = run.x, list[torch.Tensor]()
         if plan.input_cotangents is not None:
             x, self._leaves = _watch_inputs(x)
         self.x = x
-        graph = plan.forward_graph
+        graph = plan.forward_graph or plan.first_order_gradient
+        self._graph_freed = False
+        self._first_order: list[torch.Tensor] | None = None
         with contextlib.nullcontext() if graph else torch.no_grad():
             if compat.call_has_training_arg(model):
                 y_pred = model(x, training=True)
@@ -283,8 +293,56 @@ class _Context:
         probes = self._plan.probes or []
         return [i for i in everything if any(s[i] is not None for s in probes)]
 
-    def loss_gradient(self) -> list[torch.Tensor]:
-        return self._gradient_over(range(len(self._params)))
+    def loss_gradient(
+        self, differentiable: bool = True, part: tuple[int, int] | None = None
+    ) -> list[torch.Tensor]:
+        """The loss gradient (see `keras_seht.context.StepContext`)."""
+        everything = tuple(range(len(self._params)))
+        if differentiable:
+            if part is not None:
+                raise ValueError("A part's loss gradient is a constant.")
+            return self._gradient_over(everything)
+        if part is not None:
+            loss = self._loss_of(self._params, part)
+            grads = _grad(loss, self._params, False, retain_graph=False)
+            return [g.detach() for g in grads]
+        if everything in self._gradients:
+            return [g.detach() for g in self._gradients[everything]]
+        if self._first_order is None:
+            # The forward graph is freed here unless the objective or a
+            # penalty differentiates through it later.
+            keep = self._plan.forward_graph
+            grads = _grad(
+                self.live_loss, self._params, False, retain_graph=keep
+            )
+            self._first_order = [g.detach() for g in grads]
+            self._graph_freed = not keep
+        return self._first_order
+
+    def _loss_of(
+        self, params: Sequence[torch.Tensor], part: tuple[int, int] | None
+    ) -> torch.Tensor:
+        """The scaled loss at `params` on the batch (or its slice `part`)."""
+        batch = functional.as_tensors(self.x, self.y, self.sample_weight)
+        if part is not None:
+            start, stop = part
+            batch = keras.tree.map_structure(
+                lambda t: None if t is None else t[start:stop], batch
+            )
+        loss = functional.stateless_loss(
+            self.model, params, self._non_trainable, *batch, training=True
+        )[0]
+        return loss * self.scale.to(loss.dtype)
+
+    def loss_at(
+        self, shift: list[Any], part: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """f(w + shift), differentiated at once (one graph alive at a time)."""
+        params = self._params
+        shifted = functional.shifted(params, [s.detach() for s in shift], 1.0)
+        loss = self._loss_of(shifted, part)
+        grads = _grad(loss, params, False, retain_graph=False)
+        return _KnownGradient.apply(loss.detach(), *params, *grads)
 
     def quadratic_form(self) -> torch.Tensor:
         probes = self._plan.probes or []
@@ -370,7 +428,7 @@ class StepRun:
             # optimizer skip the step and lower its scale.
             return [torch.full_like(p, float("nan")) for p in params]
         loss = context.live_loss
-        if not loss.requires_grad:  # a lone antithetic estimator: no graph
+        if not loss.requires_grad or context._graph_freed:  # no graph left
             nt = [v.value for v in self.model.non_trainable_variables]
             loss = (
                 self.scale
