@@ -10,7 +10,10 @@ divided by 5 at epochs 60, 120 and 160, momentum 0.9, (PyTorch-style)
 weight decay 5e-4, batch size 32, 200 epochs, random crop and flip,
 per-channel normalization; ``dropout`` is 0.3 inside the wide blocks.
 The paper's best, SEHT-D with dropout 0.3, reaches 77.75 top-1. Cutout
-is 8x8 here. The methods are listed in `keras_seht.experiments.cifar`.
+is 8x8 here. The methods are listed in `keras_seht.experiments.cifar`;
+the sharpness-aware ones (``sam``, ``asam``, ``gnp``, ``seht-d+sam``, ...)
+use Kwon et al.'s CIFAR-100 radii, SAM ρ = 0.1 and ASAM ρ = 1.0
+(``--rho``).
 
 Each run writes ``OUTPUT_DIR/METHOD/seed_S/results.json`` (with
 ``test_top5_accuracy``), checkpoints every epoch and resumes after a
@@ -78,6 +81,9 @@ RECIPE = cifar.CifarRecipe(
     methods=recipes.COMPONENTS,
     default_methods=("baseline", "dropout", "seht-d", "seht-d+dropout"),
     description="CIFAR-100 WRN-28-10 with SEHT and the paper's baselines.",
+    # Kwon et al.'s official CIFAR-100 commands (SamsungLabs/ASAM).
+    sam_rho=0.1,
+    asam_rho=1.0,
 )
 
 

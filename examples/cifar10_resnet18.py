@@ -3,6 +3,7 @@
     python examples/cifar10_resnet18.py                       # 3 methods
     python examples/cifar10_resnet18.py --methods seht-d --seeds 0-4
     python examples/cifar10_resnet18.py --methods seht-d+cutout,mixup
+    python examples/cifar10_resnet18.py --methods sam,asam,gnp,seht-d+sam
     python examples/cifar10_resnet18.py --smoke               # minutes, CPU
 
 The paper's recipe is the default: ResNet-18 with the CIFAR stem
@@ -13,7 +14,11 @@ flip, per-channel normalization. SEHT-D(1, 0.01) and SEHT-H(5) at
 strength 1e-3 (``--strength``, ``--p``, ``--max-iter``). The methods are
 listed in `keras_seht.experiments.cifar`; the paper reports SEHT-D
 95.37 and SEHT-H 95.59 against 94.00 for the baseline (best test
-accuracy over epochs).
+accuracy over epochs). Sharpness-aware methods: ``sam`` (SAM, ρ = 0.05,
+Foret et al.'s for CIFAR-10), ``asam`` (ASAM, ρ = 0.5, Kwon et al.'s
+CIFAR-10 command) and ``gnp`` (gradient-norm penalty, r = 0.01), alone or
+with others (``sam+cutout``, ``seht-d+sam``); ``--rho`` and
+``--gnp-strength`` change them.
 
 Each run writes ``OUTPUT_DIR/METHOD/seed_S/results.json``, checkpoints
 every epoch and resumes after a kill; the script ends with the table of

@@ -88,6 +88,28 @@ def test_mnist_hessian_reinit_smoke(tmp_path, capsys):
     assert "already complete" in capsys.readouterr().out
 
 
+def test_mnist_sharpness_methods_smoke(tmp_path):
+    example = _example("mnist_hessian_reinit")
+    out = str(tmp_path)
+    argv = ["--smoke", "--methods", "sam,asam,gnp", "--hidden", "32,16"]
+    argv += ["--rho", "0.1", "--output-dir", out, "--verbose", "0"]
+    with _mock(300):
+        results = example.main(argv)
+    assert [r["method"] for r in results] == ["sam", "asam", "gnp"]
+    for r, key in zip(
+        results, ["sam_gradient_norm"] * 2 + ["gradient_norm_sq"]
+    ):
+        assert r["complete"] and r["epochs_completed"] == 2
+        assert r["config"]["rho"] == 0.1 and r["config"]["k"] is None
+        assert len(r["history"][key]) == 2
+        assert 0.0 <= r["final"]["test_accuracy"] <= 1.0
+    args = example.make_parser().parse_args([])
+    assert args.methods == list(example.PAPER_METHODS)
+    sam, asam = (example.penalty(m, args) for m in ("sam", "asam"))
+    assert (sam.rho, asam.rho, asam.adaptive) == (0.05, 0.5, True)
+    assert example.penalty("reinit-k10", args) is None
+
+
 def test_mnist_missing_data_is_a_clear_error(tmp_path):
     from keras_seht.data import DatasetNotFoundError
 
@@ -107,13 +129,13 @@ _CIFAR_MARKS = [] if keras.config.backend() == "torch" else [pytest.mark.slow]
     [
         pytest.param(
             "cifar10_resnet18",
-            "baseline,seht-d+cutout",
+            "baseline,sam+cutout,gnp,seht-d+cutout",
             False,
             marks=_CIFAR_MARKS,
         ),
         pytest.param(
             "cifar100_wrn",
-            "seht-h+dropout,mixup+dropblock",
+            "seht-h+dropout,mixup+dropblock,seht-d+asam",
             True,
             marks=_CIFAR_MARKS,
         ),
@@ -138,6 +160,36 @@ def test_cifar_smoke(tmp_path, name, methods, top5):
     seht = results[-1 if name == "cifar10_resnet18" else 0]
     assert len(seht["history"]["seht_trace"]) == 2
     assert os.path.exists(os.path.join(out, "report.md"))
+    # The sharpness-aware runs log their own value, with the recipe's rho.
+    logged = {
+        "sam+cutout": ["sam_gradient_norm"],
+        "gnp": ["gradient_norm_sq"],
+        "seht-d+asam": ["sam_gradient_norm", "seht_trace"],
+    }
+    for r in results:
+        for key in logged.get(r["method"], []):
+            assert len(r["history"][key]) == 2, (r["method"], key)
+            assert all(v >= 0 for v in r["history"][key])
+        assert r["config"]["rho"] is None
+        assert r["config"]["gnp_strength"] == 4e-3
+
+
+def test_cifar_sharpness_defaults_and_flags():
+    from keras_seht.experiments import cifar, recipes
+
+    cifar10 = _example("cifar10_resnet18").RECIPE
+    cifar100 = _example("cifar100_wrn").RECIPE
+    # Foret et al. (CIFAR-10), Kwon et al.'s official commands.
+    assert (cifar10.sam_rho, cifar10.asam_rho) == (0.05, 0.5)
+    assert (cifar100.sam_rho, cifar100.asam_rho) == (0.1, 1.0)
+    args = cifar.make_parser(cifar100).parse_args(
+        ["--methods", "sam,asam+cutout", "--rho", "0.2"]
+    )
+    assert args.methods == ["sam", "asam+cutout"] and args.rho == 0.2
+    for bad in (["--rho", "0"], ["--gnp-strength", "-1"]):
+        with pytest.raises(SystemExit):
+            cifar.make_parser(cifar10).parse_args(bad)
+    assert set(recipes.SHARPNESS) <= set(cifar10.methods)
 
 
 def test_cifar_bad_method_fails_before_loading_data(capsys):
@@ -145,6 +197,14 @@ def test_cifar_bad_method_fails_before_loading_data(capsys):
     with pytest.raises(SystemExit):
         example.main(["--methods", "dropout"])  # no dropout in ResNet-18
     assert "--methods" in capsys.readouterr().err
+    for bad, message in [
+        ("baseline,sam+asam", "choose one of sam, asam, gnp"),
+        ("seht-d+seht-h", "choose one of seht-d and seht-h"),
+    ]:
+        with pytest.raises(SystemExit):
+            example.main(["--methods", bad])
+        err = capsys.readouterr().err
+        assert "--methods" in err and message in err, err
 
 
 def _corpus(folder):

@@ -83,3 +83,30 @@ def test_parse_method_and_penalties():
     (sehtd,) = recipes.penalties({"seht-d", "cutout"}, 1e-2, 0.05, None)
     assert sehtd.p == 0.05 and sehtd.max_iter == 1
     assert recipes.penalties(set(), 1e-3, 0.01, None) == []
+
+
+def test_sharpness_methods_parse_and_build():
+    from keras_seht.regularizers import GradientNorm
+
+    assert recipes.parse_method("sam+cutout") == {"sam", "cutout"}
+    assert recipes.parse_method("seht-d+asam") == {"seht-d", "asam"}
+    for bad in ("sam+asam", "gnp+sam", "seht-d+asam+gnp"):
+        with pytest.raises(ValueError, match="choose one of sam, asam, gnp"):
+            recipes.parse_method(bad)
+    (sam,) = recipes.penalties({"sam", "cutout"}, 1e-3, 0.01, None)
+    assert type(sam) is keras_seht.SAM
+    assert sam.rho == recipes.SAM_RHO == 0.05 and not sam.adaptive
+    (asam,) = recipes.penalties({"asam"}, 1e-3, 0.01, None, asam_rho=1.0)
+    assert isinstance(asam, keras_seht.ASAM)
+    assert asam.rho == 1.0 and asam.adaptive and asam.eta == 0.01
+    sehtd, gnp = recipes.penalties({"seht-d", "gnp"}, 1e-3, 0.01, None)
+    assert isinstance(sehtd, keras_seht.SEHTD)
+    assert isinstance(gnp, GradientNorm)
+    assert gnp.method == "finite_difference" and gnp.epsilon == 0.01
+    # GNP's alpha = 2 * strength * ||g|| / r is the paper's 0.8 at ||g|| = 1.
+    assert 2 * gnp.strength / gnp.epsilon == pytest.approx(0.8)
+    (gnp,) = recipes.penalties({"gnp"}, 1e-3, 0.01, None, gnp_strength=0.1)
+    assert gnp.strength == 0.1
+    # A list with SAM and a SEHT estimator is a valid `seht` setting.
+    found = recipes.penalties({"seht-h", "sam"}, 1e-3, 0.01, None)
+    assert len(keras_seht.regularizers.get(found)) == 2

@@ -16,8 +16,18 @@ Methods (``--methods``, ``+`` combines): ``baseline``; ``seht-d``
 (16x16 CIFAR-10, 8x8 CIFAR-100); ``mixup`` (α = 1); ``dropout`` (0.3 in
 the wide blocks; WRN only); ``dropblock`` (block 7, keep 0.9, after the
 second and third stages, on their 16x16 and 8x8 maps: a 7x7 block does not
-fit the last stage's 4x4 maps). Weight decay 5e-4 is part of every
-method's optimizer, as in the paper.
+fit the last stage's 4x4 maps); the sharpness-aware methods ``sam``
+(SAM, ρ = ``--rho`` or the recipe's: 0.05 on CIFAR-10, Foret et al.; 0.1
+on CIFAR-100, Kwon et al.'s official command), ``asam`` (ASAM, η = 0.01,
+ρ 0.5 on CIFAR-10 and 1.0 on CIFAR-100, Kwon et al.'s official commands)
+and ``gnp`` (``GradientNorm(method="finite_difference")``, Zhao et al.'s
+r = 0.01, at ``--gnp-strength``, see `recipes.GNP_STRENGTH`), at most one
+of them per method (``seht-d+sam``: SAM's update plus the SEHT penalty's
+gradient at w). Weight decay 5e-4 is part of every method's optimizer, as
+in the paper. The sharpness-aware methods keep this recipe (batch 32,
+the SEHT paper's learning rates and schedules), not their own papers'
+training recipes: those papers' accuracies are not what these runs
+reproduce.
 
 The test set is the validation set of every epoch: ``val_accuracy`` is
 the test accuracy after each epoch, and the results hold both the final
@@ -62,6 +72,7 @@ class CifarRecipe:
             takes ``baseline`` and ``+``-joins of them.
         default_methods: What runs without ``--methods``.
         description: The script's one-line help.
+        sam_rho, asam_rho: The default radii of ``sam`` and ``asam``.
     """
 
     experiment: str
@@ -78,6 +89,8 @@ class CifarRecipe:
     methods: tuple[str, ...]
     default_methods: tuple[str, ...]
     description: str
+    sam_rho: float = recipes.SAM_RHO
+    asam_rho: float = recipes.ASAM_RHO
 
 
 def make_parser(recipe: CifarRecipe) -> argparse.ArgumentParser:
@@ -112,6 +125,20 @@ def make_parser(recipe: CifarRecipe) -> argparse.ArgumentParser:
         type=cli.positive_int,
         default=None,
         help="probes per step (default: 1 for seht-d, 5 for seht-h)",
+    )
+    parser.add_argument(
+        "--rho",
+        type=cli.positive_float,
+        default=None,
+        help=f"SAM's / ASAM's radius ρ (default: {recipe.sam_rho} for sam, "
+        f"{recipe.asam_rho} for asam)",
+    )
+    parser.add_argument(
+        "--gnp-strength",
+        type=cli.non_negative_float,
+        default=recipes.GNP_STRENGTH,
+        help="strength of gnp's squared gradient norm, finite-difference "
+        "step r = 0.01 (default: %(default)s: GNP's α = 0.8 where ‖g‖ = 1)",
     )
     parser.add_argument(
         "--learning-rate", type=float, default=recipe.learning_rate
@@ -180,7 +207,15 @@ def train_one(
         ),
         loss=loss,
         metrics=metrics,
-        seht=recipes.penalties(parts, args.strength, args.p, args.max_iter)
+        seht=recipes.penalties(
+            parts,
+            args.strength,
+            args.p,
+            args.max_iter,
+            sam_rho=recipe.sam_rho if args.rho is None else args.rho,
+            asam_rho=recipe.asam_rho if args.rho is None else args.rho,
+            gnp_strength=args.gnp_strength,
+        )
         or None,
     )
 
@@ -222,9 +257,13 @@ def main(
     recipe: CifarRecipe, argv: Sequence[str] | None = None
 ) -> list[dict[str, Any]]:
     """Parses `argv`, runs every (method, seed), prints the table."""
-    args = make_parser(recipe).parse_args(argv)
+    parser = make_parser(recipe)
+    args = parser.parse_args(argv)
     for method in args.methods:  # fail before loading any data
-        recipes.parse_method(method, recipe.methods)
+        try:
+            recipes.parse_method(method, recipe.methods)
+        except ValueError as error:
+            parser.error(f"--methods: {error}")
     limits: dict[str, Any] = {"train_limit": None, "test_limit": None}
     if args.smoke:
         limits = {k: SMOKE[k] for k in limits}

@@ -24,6 +24,14 @@ def non_negative_float(value: str) -> float:
     return number
 
 
+def positive_float(value: str) -> float:
+    """An argparse type: a finite number > 0."""
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
+
+
 def seeds(value: str) -> list[int]:
     """An argparse type: ``"0,1,2"`` or a range ``"0-4"`` of seeds >= 0."""
     found: list[int] = []

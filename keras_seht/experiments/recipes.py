@@ -5,7 +5,10 @@
 - learning-rate schedules as functions ``(epoch, history) -> lr``
   (`cosine`, `step_decay`, `plateau_decay`), for
   `keras_seht.experiments.runner.run_training`;
-- `parse_method`: ``"seht-d+dropout"`` -> the regularizers to combine.
+- `parse_method`: ``"seht-d+dropout"`` -> the regularizers to combine;
+  `penalties`: the ``compile(seht=[...])`` list of a method, with the
+  sharpness-aware methods' settings (`SAM_RHO`, `ASAM_RHO`,
+  `GNP_EPSILON`, `GNP_STRENGTH`).
 """
 
 from __future__ import annotations
@@ -171,14 +174,39 @@ COMPONENTS = (
     "mixup",
     "dropout",
     "dropblock",
+    "sam",
+    "asam",
+    "gnp",
 )
+
+#: The sharpness-aware components: at most one per method (each sets the
+#: update direction from a second gradient at shifted weights; GNP with
+#: α = 1 is SAM).
+SHARPNESS = ("sam", "asam", "gnp")
+
+#: SAM's radius ρ: 0.05, Foret et al.'s for CIFAR-10 (ResNets and WRNs).
+SAM_RHO = 0.05
+#: ASAM's radius ρ: 0.5, Kwon et al.'s official CIFAR-10 command (1.0 for
+#: CIFAR-100; the paper's range is 0.5 to 2.0).
+ASAM_RHO = 0.5
+#: GNP's finite-difference step r: Zhao et al.'s 0.01.
+GNP_EPSILON = 0.01
+#: GNP's strength. Zhao et al. fix α = λ/r = 0.8 for a penalty λ‖g‖;
+#: `keras_seht.regularizers.GradientNorm` penalizes strength · ‖g‖², whose
+#: update mixes the two gradients with α = 2 · strength · ‖g‖ / r. No
+#: constant strength gives a constant α; 4e-3 = 0.8 · r / 2 gives α = 0.8
+#: where ‖g‖ = 1, and α = 0.8 · ‖g‖ elsewhere (training logs ‖g‖² as
+#: ``gradient_norm_sq``: rescale by 1/‖g‖ for the paper's α).
+GNP_STRENGTH = 4e-3
 
 
 def parse_method(method: str, allowed: Sequence[str] = COMPONENTS) -> set[str]:
     """The set of parts of `method`, a ``+``-joined name or ``"baseline"``.
 
     ``"baseline"`` -> ``set()``; ``"seht-d+dropout"`` -> ``{"seht-d",
-    "dropout"}``. Unknown parts (not in `allowed`) raise a ValueError.
+    "dropout"}``. Unknown parts (not in `allowed`), a repeated part, both
+    SEHT estimators or two of the sharpness-aware methods (`SHARPNESS`)
+    raise a ValueError.
     """
     if method == "baseline":
         return set()
@@ -191,6 +219,13 @@ def parse_method(method: str, allowed: Sequence[str] = COMPONENTS) -> set[str]:
         )
     if {"seht-d", "seht-h"} <= set(parts):
         raise ValueError(f"{method!r}: choose one of seht-d and seht-h.")
+    sharpness = [p for p in parts if p in SHARPNESS]
+    if len(sharpness) > 1:
+        raise ValueError(
+            f"{method!r}: choose one of {', '.join(SHARPNESS)} (each sets "
+            f"the update from a gradient at shifted weights); got "
+            f"{' and '.join(sharpness)}."
+        )
     return set(parts)
 
 
@@ -199,14 +234,22 @@ def penalties(
     strength: float,
     p: float,
     max_iter: int | None,
+    *,
+    sam_rho: float = SAM_RHO,
+    asam_rho: float = ASAM_RHO,
+    gnp_strength: float = GNP_STRENGTH,
 ) -> list[Any]:
     """The ``compile(seht=[...])`` list of a method's parts.
 
     SEHT-D(`p`, `max_iter` or 1), SEHT-H(`max_iter` or 5) at `strength`, the
-    Jacobian penalty (n_proj 1, 0.01) and the confidence penalty (0.1).
+    Jacobian penalty (n_proj 1, 0.01), the confidence penalty (0.1),
+    SAM(`sam_rho`), ASAM(`asam_rho`, η 0.01) and GNP (``GradientNorm``
+    with the finite difference, r = `GNP_EPSILON`, at `gnp_strength`).
+    With SAM or ASAM the others' gradients are taken at w (see
+    `keras_seht.sharpness`).
     """
-    from keras_seht import SEHTD, SEHTH
-    from keras_seht.penalties import ConfidencePenalty, Jacobian
+    from keras_seht import ASAM, SAM, SEHTD, SEHTH
+    from keras_seht.penalties import ConfidencePenalty, GradientNorm, Jacobian
 
     found: list[Any] = []
     if "seht-d" in parts:
@@ -217,4 +260,16 @@ def penalties(
         found.append(Jacobian(strength=0.01, n_proj=1))
     if "confidence-penalty" in parts:
         found.append(ConfidencePenalty(strength=0.1))
+    if "sam" in parts:
+        found.append(SAM(rho=sam_rho))
+    if "asam" in parts:
+        found.append(ASAM(rho=asam_rho))
+    if "gnp" in parts:
+        found.append(
+            GradientNorm(
+                strength=gnp_strength,
+                method="finite_difference",
+                epsilon=GNP_EPSILON,
+            )
+        )
     return found
