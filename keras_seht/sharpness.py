@@ -154,20 +154,21 @@ class SAM(Penalty):
 
     def perturbation(self, gradient: list[Any], weights: list[Any]) -> list:
         r""":math:`\hat\epsilon` for the gradient `g` at `weights` w."""
+        g = [ops.cast(t, "float32") for t in gradient]
         if self.adaptive:
             scales = [
                 ops.abs(ops.cast(ops.stop_gradient(w), "float32")) + self.eta
                 for w in weights
             ]
+            scaled = [s * t for s, t in zip(scales, g)]  # T g
         else:
-            scales = [1.0] * len(gradient)
-        g = [ops.cast(t, "float32") for t in gradient]
-        norm = _norm([s * t for s, t in zip(scales, g)])
+            scales, scaled = [1.0] * len(g), g
+        norm = _norm(scaled)
         # A zero gradient is no direction: the plain step, never NaN.
         factor = ops.where(norm > 0, self.rho / ops.maximum(norm, 1e-38), 0.0)
         return [
-            ops.cast(factor * s * s * t, w.dtype)
-            for s, t, w in zip(scales, g, weights)
+            ops.cast(factor * s * st, w.dtype)
+            for s, st, w in zip(scales, scaled, weights)
         ]
 
     def __call__(self, context: StepContext) -> Any:
