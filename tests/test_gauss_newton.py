@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 import reference
-from conftest import FixedProbes, make_data
+from conftest import FixedProbes, make_data, rademacher_probe
 from test_penalties import (
     D,
     K,
@@ -71,7 +71,7 @@ def _setup(seht_factory):
     model(x[:1])
     params = [np.array(v.numpy(), "float64") for v in model.trainable_weights]
     rng = np.random.default_rng(3)
-    probe = [rng.choice([-1.0, 1.0], size=p.shape) for p in params]
+    probe = rademacher_probe([p.shape for p in params], rng)
     model.compile(
         keras.optimizers.SGD(1.0), logits_loss(), seht=seht_factory(probe)
     )
@@ -140,10 +140,9 @@ def test_equals_hessian_when_only_the_output_layer_trains():
         model.layers[0].trainable = False
         model(x[:1])
         rng = np.random.default_rng(3)
-        probe = [
-            rng.choice([-1.0, 1.0], size=v.shape)
-            for v in model.trainable_weights
-        ]
+        probe = rademacher_probe(
+            [v.shape for v in model.trainable_weights], rng
+        )
         model.compile(
             keras.optimizers.SGD(1.0),
             logits_loss(),
@@ -161,10 +160,9 @@ def _negative_probe(model, x, y):
     """A Rademacher probe with sigma^T H sigma < 0 (searched by seed)."""
     for seed in range(200):
         rng = np.random.default_rng(seed)
-        probe = [
-            rng.choice([-1.0, 1.0], size=v.shape)
-            for v in model.trainable_weights
-        ]
+        probe = rademacher_probe(
+            [v.shape for v in model.trainable_weights], rng
+        )
         _, t, _ = reference.objective_gradient(model, x, y, probe, 0.0)
         if t < -1e-3:
             return probe, t

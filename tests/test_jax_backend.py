@@ -14,7 +14,7 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-from conftest import FixedProbes, run_script_result
+from conftest import FixedProbes, rademacher_probe, run_script_result
 
 if keras.config.backend() != "jax":
     pytest.skip("JAX backend tests", allow_module_level=True)
@@ -91,13 +91,8 @@ def test_update_matches_plain_jax(jit_compile):
     x, y = _data()
     model = _regularized_mlp()
     rng = np.random.default_rng(1)
-    probes = [
-        [
-            rng.choice([-1.0, 1.0], size=v.shape).astype("float32")
-            for v in model.trainable_variables
-        ]
-        for _ in range(2)
-    ]
+    shapes = [v.shape for v in model.trainable_variables]
+    probes = [rademacher_probe(shapes, rng) for _ in range(2)]
     probes[1][0][:] = 0.0  # a sparse probe, as SEHT-D draws
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=1.0),

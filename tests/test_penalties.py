@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 import reference
-from conftest import FixedProbes, make_data
+from conftest import FixedProbes, make_data, rademacher_probe
 
 import keras_seht
 from keras_seht import SEHTD, regularizers
@@ -214,7 +214,7 @@ def test_combination_with_seht_adds_the_gradients():
     model = logits_mlp()
     model(x[:1])
     rng = np.random.default_rng(0)
-    probe = [rng.choice([-1.0, 1.0], size=v.shape) for v in model.weights]
+    probe = rademacher_probe([v.shape for v in model.weights], rng)
     seht = FixedProbes([probe], strength=0.2)
     model.compile(
         keras.optimizers.SGD(1.0), logits_loss(), seht=[seht, *PENALTIES]

@@ -22,6 +22,7 @@ from conftest import (  # noqa: E402
     FixedProbes,
     image_data,
     make_data,
+    rademacher_probe,
     tanh_mlp,
     tiny_cnn,
 )
@@ -50,7 +51,7 @@ def _probes(model, seed=0):
     shapes = [tuple(v.shape) for v in model.trainable_weights]
     sparse = [rng.choice([-1.0, 0.0, 1.0], size=s) for s in shapes]
     sparse[0] = np.zeros(shapes[0])
-    dense = [rng.choice([-1.0, 1.0], size=s) for s in shapes]
+    dense = rademacher_probe(shapes, rng)
     return [sparse, dense]
 
 
