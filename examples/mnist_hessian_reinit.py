@@ -52,10 +52,12 @@ import os
 import sys
 from typing import Any, Sequence
 
-import keras
+# keras_seht before keras: with KERAS_BACKEND unset it selects torch, where
+# importing keras first would pick Keras' own default, TensorFlow.
+import keras_seht  # isort: skip
+import keras  # isort: skip
 import numpy as np
 
-import keras_seht
 from keras_seht.callbacks import CurvatureMonitor, HessianReinit
 from keras_seht.data import load_mnist
 from keras_seht.data.pipeline import ArrayDataset

@@ -120,3 +120,50 @@ def check_nonnegative(name: str, value: Any) -> float:
             f"`{name}` must be a finite number >= 0. Received: {name}={value!r}"
         )
     return number
+
+
+def check_samples(name: str, data: Any) -> int:
+    """The number of samples in `data`, an array or a structure of arrays.
+
+    Every array must have a leading sample axis with at least one sample,
+    and all the same number.
+
+    Raises:
+        ValueError: `data` is None, holds no array, a scalar, an empty
+            array, or arrays of different lengths (naming `name`).
+    """
+    import keras
+
+    if data is None:
+        raise ValueError(
+            f"`{name}` must be an array (or a structure of arrays) of "
+            f"samples, not None. Received: {name}=None"
+        )
+    leaves = keras.tree.flatten(data)
+    if not leaves:
+        raise ValueError(
+            f"`{name}` must hold at least one array of samples. Received: "
+            f"{name}={data!r}"
+        )
+    counts = []
+    for leaf in leaves:
+        shape = getattr(leaf, "shape", None)
+        if shape is None:
+            shape = np.shape(leaf)
+        if leaf is None or len(shape) == 0:
+            raise ValueError(
+                f"`{name}` must be an array with a leading sample axis (or a "
+                f"structure of such arrays). Received an entry {leaf!r}"
+            )
+        counts.append(shape[0])
+    if any(c != counts[0] for c in counts):
+        raise ValueError(
+            f"The arrays in `{name}` must hold the same number of samples. "
+            f"Received: {counts}"
+        )
+    if not counts[0]:
+        raise ValueError(
+            f"`{name}` must hold at least one sample. Received an empty "
+            f"array (shape {tuple(np.shape(leaves[0]))})."
+        )
+    return int(counts[0])

@@ -15,18 +15,27 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Calls ``write(tmp)`` on a temporary file, then renames it to `path`.
 
     The temporary file is in the folder of `path`: readers never see a
-    half-written file.
+    half-written file. The file gets the mode a plain ``open(path, "w")``
+    would give it (0666 less the umask), not `tempfile.mkstemp`'s 0600.
     """
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process' umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_figure(fig: Any, path: str, dpi: int = 90) -> None:

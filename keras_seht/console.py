@@ -161,9 +161,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         run_bench,
     ),
     "report": Subcommand(
-        "summarize finished example runs (the results.json files under "
-        "RUNS_DIR): tables of mean and standard error over seeds, and "
-        "training curves",
+        "summarize finished runs of the example scripts (their "
+        "results.json files under RUNS_DIR; the demo prints its own table): "
+        "tables of mean and standard error over seeds, and training curves",
         "keras-seht report runs/mnist_hessian_reinit",
         run_report,
     ),

@@ -51,6 +51,10 @@ CURVATURES = ("hessian", "gauss_newton")
 METHODS = ("exact", "finite_difference", "antithetic")
 #: The default finite-difference step of ``method="finite_difference"``.
 DEFAULT_EPSILON = 1e-2
+#: The largest step ``method="antithetic"`` takes, sqrt(2 * strength).
+MAX_ANTITHETIC_EPSILON = 1.0
+#: The largest strength of ``method="antithetic"`` (its step is then 1).
+MAX_ANTITHETIC_STRENGTH = MAX_ANTITHETIC_EPSILON**2 / 2
 
 
 def _generator(seed: Seed) -> Any:
@@ -58,6 +62,18 @@ def _generator(seed: Seed) -> Any:
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
         return seed_generator(int(seed))
     return seed
+
+
+def _to_host(x: Any) -> np.ndarray:
+    """A tensor as a NumPy array.
+
+    A torch tensor goes through ``Tensor.numpy()``: Keras' torch
+    ``convert_to_numpy`` calls ``np.array`` on it, which NumPy 2 warns
+    about (torch's ``__array__`` takes no ``copy`` keyword).
+    """
+    if keras.config.backend() == "torch" and hasattr(x, "detach"):
+        return np.asarray(x.detach().cpu().numpy())
+    return np.asarray(ops.convert_to_numpy(x))
 
 
 def _split(flat: Any, shapes: Sequence[tuple[int, ...]]) -> list[Any]:
@@ -146,7 +162,10 @@ class CurvatureEstimator(Penalty):
       ``2 * max_iter`` gradients, none at :math:`w` (a forward pass there
       still gives the loss, the metrics, :math:`t_\epsilon` for the logs
       and BatchNorm's statistics). The smoothing width is tied to the
-      strength, and ``clip_negative`` does not apply.
+      strength, and ``clip_negative`` does not apply. The strength must
+      be at most 0.5 (a step :math:`\epsilon \le 1`): a larger step
+      perturbs the weights too far for a curvature estimate, and is
+      refused.
 
     The perturbed passes run statelessly with the step's non-trainable
     state (the same Dropout masks and BatchNorm batch statistics mode);
@@ -157,9 +176,11 @@ class CurvatureEstimator(Penalty):
         max_iter: Number of independent probes averaged per training step.
         strength: Multiplier of the trace estimate added to the loss.
         curvature: ``"hessian"`` (default) or ``"gauss_newton"``.
-        clip_negative: Penalize ``max(t, 0)`` instead of ``t``.
+        clip_negative: Penalize ``max(t, 0)`` instead of ``t`` (Hessian
+            only: refused with ``curvature="gauss_newton"``).
         method: ``"exact"`` (default), ``"finite_difference"`` or
-            ``"antithetic"`` (Hessian only; see above).
+            ``"antithetic"`` (Hessian only; see above; the antithetic
+            method needs ``0 < strength <= 0.5``).
         epsilon: The step of ``method="finite_difference"`` (default
             ``1e-2``); must be None for the other methods.
 
@@ -200,10 +221,23 @@ class CurvatureEstimator(Penalty):
                 "(its objective is (L(w+e*sigma) + L(w-e*sigma)) / 2, not "
                 "a function of t); use method='finite_difference'."
             )
-        if method == "antithetic" and self.strength == 0:
+        if curvature != "hessian" and clip_negative:
             raise ValueError(
-                "method='antithetic' needs `strength` > 0 (it sets "
-                "epsilon = sqrt(2 * strength)). Received: strength=0"
+                "`clip_negative=True` applies to curvature='hessian' only "
+                f"(the {curvature!r} estimate is never negative for a "
+                "convex loss). Received: clip_negative=True, "
+                f"curvature={curvature!r}"
+            )
+        if method == "antithetic" and not (
+            0 < self.strength <= MAX_ANTITHETIC_STRENGTH
+        ):
+            raise ValueError(
+                "method='antithetic' needs 0 < `strength` <= "
+                f"{MAX_ANTITHETIC_STRENGTH:g}: it perturbs the weights by "
+                "epsilon = sqrt(2 * strength) along a +-1 probe, and a step "
+                f"over {MAX_ANTITHETIC_EPSILON:g} is no longer a local "
+                "curvature estimate. Received: "
+                f"strength={self.strength:g}, method='antithetic'"
             )
         if epsilon is not None and method != "finite_difference":
             raise ValueError(
@@ -326,9 +360,7 @@ class CurvatureEstimator(Penalty):
                 return rng.random(shape, dtype=np.float32)
 
             return [
-                None
-                if p is None
-                else np.asarray(ops.convert_to_numpy(p), "float32")
+                None if p is None else np.asarray(_to_host(p), "float32")
                 for p in self._probes_from(layout, uniform, sparse)
             ]
         generator = _generator(seed)
@@ -552,7 +584,7 @@ class SEHTD(CurvatureEstimator):
         u_layers = uniform((layout.num_layers,))
         factors: dict[int, Any] = {}
         if sparse:
-            u_host = np.asarray(ops.convert_to_numpy(u_layers))
+            u_host = _to_host(u_layers)
             for layer, pi in enumerate(probs):
                 if u_host[layer] < pi:
                     factors[layer] = self._scale(pi)

@@ -148,6 +148,7 @@ def hessian_diagonal(
     training: bool = False,
     max_weights: int = MAX_EXACT_WEIGHTS,
     force: bool = False,
+    verbose: int = 0,
 ) -> list[np.ndarray]:
     r"""The diagonal of the loss Hessian, one array per trainable variable.
 
@@ -167,6 +168,9 @@ def hessian_diagonal(
         training: Run the forward pass in training mode.
         max_weights: ``"exact"`` refuses larger models unless ``force``.
         force: Run ``"exact"`` whatever the model size.
+        verbose: For ``"exact"``: 0 silent (default), 1 a Keras progress
+            bar over the Hessian rows (minutes near the size limit), 2
+            one line at the end.
 
     Returns:
         NumPy arrays shaped and ordered like ``model.trainable_variables``.
@@ -195,12 +199,13 @@ def hessian_diagonal(
             "`method` must be 'exact' or 'hutchinson'. Received: "
             f"method={method!r}"
         )
+    verbose = operators.check_verbose(verbose)
     x, y, sample_weight = prepare_batch(model, x, y, sample_weight)
     if method == "exact":
         check_exact_size(operators.num_weights(model), max_weights, force)
     hessian = HessianOperator(model, x, y, sample_weight, training)
     if method == "exact":
-        return hessian.diagonal()
+        return hessian.diagonal(verbose=verbose)
     samples = check_int("samples", samples)
     layout = weight_layout(model)
     seed_generator = seed_generator_for(seed)
@@ -222,6 +227,7 @@ def exact_hessian_trace(
     max_weights: int = MAX_EXACT_WEIGHTS,
     force: bool = False,
     curvature: str = "hessian",
+    verbose: int = 0,
 ) -> float:
     r"""The exact trace of the loss Hessian (or of its Gauss-Newton part).
 
@@ -249,6 +255,8 @@ def exact_hessian_trace(
         max_weights: Size limit (default 20,000 weights).
         force: Run whatever the model size.
         curvature: ``"hessian"`` or ``"gauss_newton"``.
+        verbose: For ``"hessian"``: 0 silent (default), 1 a Keras
+            progress bar over the Hessian rows, 2 one line at the end.
 
     Returns:
         The trace as a float.
@@ -273,6 +281,7 @@ def exact_hessian_trace(
     True
     """
     check_choice("curvature", curvature, CURVATURES)
+    verbose = operators.check_verbose(verbose)
     if curvature == "gauss_newton":
         jacobian, output_hessian = gauss_newton_factors(
             model,
@@ -293,6 +302,7 @@ def exact_hessian_trace(
         training=training,
         max_weights=max_weights,
         force=force,
+        verbose=verbose,
     )
     return float(sum(np.sum(d, dtype="float64") for d in diagonal))
 

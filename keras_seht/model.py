@@ -13,6 +13,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, cast
 
 import keras
+import numpy as np
 
 from keras_seht import _keras_compat as compat
 from keras_seht import backend as seht_backend
@@ -23,6 +24,8 @@ from keras_seht.penalties import Penalty
 
 SKIPPED_LOG_KEY = "seht_skipped"
 NEGATIVE_LOG_KEY = "seht_negative_fraction"
+#: The entry of the model's saved state that holds the probe seed state.
+SEED_STATE_KEY = "seht_seed_state"
 
 
 class SEHTTrainer:
@@ -323,6 +326,37 @@ class SEHTTrainer:
             return _drop_keys(logs, keys), state
         return _drop_keys(result, keys)
 
+    def save_own_variables(self, store: Any) -> None:
+        """Saves Keras' state, plus the probe seed state when ``seht`` is set.
+
+        Keras does not save a seed generator's state: without it a model
+        saved and reloaded (``model.save``, ``save_weights``) would restart
+        its probe stream, so continuing training after loading would draw
+        other probes than an uninterrupted run. With ``seht=None`` nothing
+        is added: the file holds exactly plain Keras' state.
+        """
+        super().save_own_variables(store)  # type: ignore[misc]
+        generator = getattr(self, "seht_seed_generator", None)
+        if self.seht is not None and generator is not None:
+            store[SEED_STATE_KEY] = generator.state
+
+    def load_own_variables(self, store: Any) -> None:
+        """Loads Keras' state, and the probe seed state where saved.
+
+        A saved seed state is restored when this model has a probe seed
+        generator (``compile(seht=...)``), and ignored otherwise.
+        """
+        keys = list(store.keys())
+        if SEED_STATE_KEY not in keys:
+            super().load_own_variables(store)  # type: ignore[misc]
+            return
+        state = np.asarray(store[SEED_STATE_KEY])
+        rest = {key: store[key] for key in keys if key != SEED_STATE_KEY}
+        super().load_own_variables(rest)  # type: ignore[misc]
+        generator = getattr(self, "seht_seed_generator", None)
+        if isinstance(generator, keras.random.SeedGenerator):
+            generator.state.assign(keras.ops.cast(state, generator.state.dtype))
+
     def get_compile_config(self) -> dict[str, Any]:
         """Keras' compile config, plus ``seht`` (serialized) when given."""
         config = super().get_compile_config()  # type: ignore[misc]
@@ -380,11 +414,48 @@ class _ComputedMean(keras.metrics.Mean):
         return keras.ops.where(count > 0, mean, float("nan"))
 
 
+class _SehtProgbar(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar without the all-zero bookkeeping entries.
+
+    ``seht_skipped`` and ``seht_negative_fraction`` are left out of the
+    bar while they are 0 (they stay in the logs and the history); once
+    non-zero, Keras' bar keeps showing them.
+    """
+
+    QUIET_KEYS = (SKIPPED_LOG_KEY, NEGATIVE_LOG_KEY)
+
+    def _shown(self, logs: Any) -> Any:
+        if not isinstance(logs, dict):
+            return logs
+        return {
+            k: v
+            for k, v in logs.items()
+            if not (k in self.QUIET_KEYS and _is_zero(v))
+        }
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        """Updates the bar with the batch's logs (zero entries left out)."""
+        super().on_train_batch_end(batch, self._shown(logs))
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        """Finishes the epoch's bar (zero entries left out)."""
+        super().on_epoch_end(epoch, self._shown(logs))
+
+
+def _is_zero(value: Any) -> bool:
+    try:
+        return float(value) == 0.0
+    except (TypeError, ValueError):
+        return False
+
+
 def _with_skip_warning(model: SEHTTrainer, callbacks: Any) -> Any:
     if isinstance(callbacks, keras.callbacks.CallbackList):
         return callbacks
     callbacks = list(callbacks or [])
     callbacks.append(_SkipWarning(model))
+    if not any(isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks):
+        callbacks.append(_SehtProgbar())
     return callbacks
 
 

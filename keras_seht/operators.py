@@ -52,6 +52,7 @@ from keras import ops
 
 from keras_seht import backend as seht_backend
 from keras_seht import functional
+from keras_seht._checks import check_bool, check_samples
 
 #: Above this many trainable weights the exact paths (Hessian diagonal,
 #: exact trace, dense Gauss-Newton factors) refuse to run unless forced:
@@ -92,6 +93,19 @@ def prepare_batch(
             "`model` must be compiled: the Hessian is that of the compiled "
             "loss. Call `model.compile(loss=...)` first."
         )
+    count = check_samples("x", x)
+    if check_samples("y", y) != count:
+        raise ValueError(
+            f"`x` and `y` must hold the same number of samples. Received: "
+            f"{count} and {check_samples('y', y)}"
+        )
+    if (
+        sample_weight is not None
+        and check_samples("sample_weight", sample_weight) != count
+    ):
+        raise ValueError(
+            f"`sample_weight` must hold one weight per sample of `x` ({count})."
+        )
     x, y, sample_weight = functional.as_tensors(x, y, sample_weight)
     if not model.built:
         model(x)
@@ -120,7 +134,7 @@ def check_exact_size(weights: int, max_weights: int, force: bool) -> None:
     Raises:
         ValueError: ``weights > max_weights`` and not ``force``.
     """
-    if weights > max_weights and not force:
+    if not check_bool("force", force) and weights > max_weights:
         raise ValueError(
             f"The model has {weights} trainable weights, more than "
             f"`max_weights`={max_weights}: the exact computation costs one "
@@ -143,7 +157,7 @@ def check_dense_size(
         ValueError: ``weights > max_weights``, or :math:`M(n + M)` above
             `MAX_DENSE_ENTRIES`, and not ``force``.
     """
-    if force:
+    if check_bool("force", force):
         return
     if weights > max_weights:
         raise ValueError(
@@ -158,6 +172,39 @@ def check_dense_size(
             f"(more than {MAX_DENSE_ENTRIES}); use a smaller batch or pass "
             "force=True."
         )
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A tensor (or array-like) as a NumPy array, without NumPy warnings.
+
+    ``keras.ops.convert_to_numpy`` converts a torch tensor with
+    ``np.array(tensor)``, which under NumPy 2 gives a DeprecationWarning
+    (torch's ``__array__`` takes no ``copy`` keyword) on every call; a
+    torch tensor is converted with ``.numpy()`` here instead.
+    """
+    if keras.config.backend() == "torch":
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu()
+            if x.dtype == torch.bfloat16:
+                x = x.float()
+            return x.numpy()
+    return ops.convert_to_numpy(x)
+
+
+def check_verbose(verbose: Any) -> int:
+    """``verbose`` as 0, 1 or 2 (Keras' progress-bar settings).
+
+    Raises:
+        ValueError: For anything else.
+    """
+    if isinstance(verbose, bool) or verbose not in (0, 1, 2):
+        raise ValueError(
+            "`verbose` must be 0 (silent), 1 (progress bar) or 2 (one line "
+            f"at the end). Received: verbose={verbose!r}"
+        )
+    return int(verbose)
 
 
 def _chunks(total: int, chunk_size: int) -> tuple[int, int]:
@@ -255,7 +302,7 @@ class CurvatureOperator:
     def __call__(self, vectors: Sequence[Any]) -> list[np.ndarray]:
         """:math:`A v` as NumPy arrays: the ``matvec`` of `spectrum`."""
         products = self.matvec(self.as_tensors(vectors))
-        return [ops.convert_to_numpy(p) for p in products]
+        return [to_numpy(p) for p in products]
 
 
 class HessianOperator(CurvatureOperator):
@@ -270,7 +317,9 @@ class HessianOperator(CurvatureOperator):
         """:math:`Hv`."""
         return list(self.products.hvp(list(vectors)))
 
-    def diagonal(self, chunk_size: int = CHUNK_SIZE) -> list[np.ndarray]:
+    def diagonal(
+        self, chunk_size: int = CHUNK_SIZE, verbose: int = 0
+    ) -> list[np.ndarray]:
         r"""The exact diagonal :math:`H_{ii}`, one array per variable.
 
         Rows of :math:`H` come from batched products with the basis
@@ -278,11 +327,22 @@ class HessianOperator(CurvatureOperator):
         weight), and entry :math:`i` of row :math:`i` is kept. No size
         guard here: callers apply `check_exact_size`.
 
+        Args:
+            chunk_size: Hessian rows per batched product.
+            verbose: 0 silent, 1 a `keras.utils.Progbar` over the Hessian
+                rows (updated after each chunk), 2 one line at the end.
+
         Returns:
             NumPy arrays shaped like the trainable variables.
         """
+        verbose = check_verbose(verbose)
         n = self.num_weights
         count, rows = _chunks(n, chunk_size)
+        progbar = (
+            keras.utils.Progbar(n, verbose=verbose, unit_name="Hessian row")
+            if verbose
+            else None
+        )
         pieces = []
         for chunk in range(count):
             start = chunk * rows
@@ -291,7 +351,9 @@ class HessianOperator(CurvatureOperator):
             )
             index = ops.minimum(ops.arange(start, start + rows), n - 1)
             entries = ops.take_along_axis(h_rows, index[:, None], axis=1)
-            pieces.append(ops.convert_to_numpy(entries[:, 0]))
+            pieces.append(to_numpy(entries[:, 0]))
+            if progbar is not None:
+                progbar.update(min(start + rows, n))
         diagonal = np.concatenate(pieces)[:n]
         return [
             p.reshape(shape)
@@ -340,13 +402,13 @@ class GaussNewtonOperator(CurvatureOperator):
             basis = _basis_rows(chunk * rows, rows, m, self.dtype)
             jacobian.append(
                 np.asarray(
-                    ops.convert_to_numpy(self.products.vjp_rows(basis)),
+                    to_numpy(self.products.vjp_rows(basis)),
                     "float64",
                 )
             )
             output_hessian.append(
                 np.asarray(
-                    ops.convert_to_numpy(self.products.output_hvp_rows(basis)),
+                    to_numpy(self.products.output_hvp_rows(basis)),
                     "float64",
                 )
             )

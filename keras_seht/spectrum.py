@@ -16,7 +16,7 @@ A ``matvec`` maps a list of arrays, one per trainable variable (shaped like
 their probes with ``numpy.random.default_rng(seed)`` and do their linear
 algebra in float64 NumPy on the flattened vectors; the arrays handed to
 ``matvec`` are float64 NumPy arrays, and it may return NumPy arrays or
-anything ``numpy.asarray`` converts (CPU tensors).
+backend tensors.
 
 `hessian_top_eigenvalue` and `hessian_trace_hutchpp` apply them to the
 Hessian of a compiled model's loss on one batch
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import keras
@@ -123,7 +124,7 @@ class _FlatOperator:
                 f"in `shapes`. Received: {len(pieces)}."
             )
         flat = [
-            np.asarray(keras.ops.convert_to_numpy(p), "float64").reshape(-1)
+            np.asarray(operators.to_numpy(p), "float64").reshape(-1)
             for p in pieces
         ]
         for i, (piece, size) in enumerate(zip(flat, self.sizes)):
@@ -152,7 +153,7 @@ class _FlatOperator:
             )
         flat_out = []
         for i, (out, size) in enumerate(zip(outputs, self.sizes)):
-            out = np.asarray(out, dtype="float64").reshape(-1)
+            out = np.asarray(operators.to_numpy(out), "float64").reshape(-1)
             if out.size != size:
                 raise ValueError(
                     f"`matvec` returned an array of {out.size} elements at "
@@ -390,13 +391,33 @@ def hutchpp_trace(
     return trace + float(residual) / g
 
 
+class ConvergenceWarning(UserWarning):
+    """Power iteration ran out of iterations before its tolerance was met."""
+
+
+def _unconverged_message(
+    iters: int, tol: float, eigenvalue: float, residual: float, change: float
+) -> str:
+    return (
+        f"Power iteration stopped after iters={iters} iterations without "
+        f"converging (tol={tol:g}): the last relative change of the "
+        f"estimate was {change:.2e} and the relative residual "
+        f"||Hv - λv|| / |λ| is {residual:.2e}, so the eigenvalue "
+        f"{eigenvalue:.6g} may be too small in magnitude. Raise `iters`; "
+        "`return_residual=True` returns the residual."
+    )
+
+
 def top_eigenvalue(
     matvec: Matvec,
     shapes: Sequence[Sequence[int]],
     iters: int = 100,
     seed: int | None = 0,
     tol: float = 1e-6,
-) -> float:
+    *,
+    return_residual: bool = False,
+    warn_unconverged: bool = False,
+) -> Any:
     r"""The largest-magnitude eigenvalue of a symmetric :math:`A`, signed.
 
     Power iteration from a standard normal :math:`v_0`:
@@ -430,10 +451,21 @@ def top_eigenvalue(
         seed: Seed of the start vector (None: fresh entropy).
         tol: Relative change of :math:`\lambda_k` that stops the
             iteration; 0 runs all ``iters``.
+        return_residual: Also return the relative residual
+            :math:`\lVert A v_k - \lambda_k v_k \rVert / |\lambda_k|` of
+            the last iterate (:math:`\lVert v_k \rVert = 1`; 0 for an
+            exact eigenvector; 0.0 if :math:`A v_k = 0`, NaN if not
+            finite), which bounds the distance of :math:`\lambda_k` to
+            an eigenvalue of :math:`A` relative to :math:`|\lambda_k|`.
+        warn_unconverged: Give a `ConvergenceWarning`, stating the
+            residual, when all ``iters`` ran with ``tol > 0`` not met.
+            False here (the building block, called every epoch by
+            `CurvatureMonitor`); True in `hessian_top_eigenvalue`.
 
     Returns:
         The eigenvalue estimate :math:`\lambda_k`, a float (0.0 if
-        :math:`A v_k = 0`).
+        :math:`A v_k = 0`); with ``return_residual``, the pair
+        ``(eigenvalue, residual)``.
 
     Example:
     >>> import numpy as np
@@ -443,26 +475,58 @@ def top_eigenvalue(
     """
     iters = check_int("iters", iters)
     tol = _check_tol(tol)
-    rng = np.random.default_rng(_check_seed(seed))
+    eigenvalue, residual, unconverged = _power_iteration(
+        matvec, shapes, iters, _check_seed(seed), tol
+    )
+    if warn_unconverged and unconverged is not None:
+        warnings.warn(unconverged, ConvergenceWarning, stacklevel=2)
+    if return_residual:
+        return eigenvalue, residual
+    return eigenvalue
+
+
+def _power_iteration(
+    matvec: Matvec,
+    shapes: Any,
+    iters: int,
+    seed: int | None,
+    tol: float,
+) -> tuple[float, float, str | None]:
+    """`top_eigenvalue`'s loop, on checked arguments.
+
+    Returns:
+        The eigenvalue, the relative residual, and None or (when all
+        ``iters`` ran with ``tol > 0`` not met) the warning's message.
+    """
+    rng = np.random.default_rng(seed)
     op = _FlatOperator(matvec, shapes)
     v = rng.standard_normal(op.n)
     v /= np.linalg.norm(v)
+    tiny = np.finfo("float64").tiny
     previous = None
-    eigenvalue = 0.0
+    eigenvalue = residual = 0.0
+    change = math.inf
     for _ in range(iters):
         w = op(v)
         eigenvalue = float(v @ w)
         norm = float(np.linalg.norm(w))
         if not math.isfinite(norm):
-            return float("nan")
+            return float("nan"), float("nan"), None
         if norm == 0.0:
-            return 0.0
+            return 0.0, 0.0, None
+        residual = float(np.linalg.norm(w - eigenvalue * v)) / max(
+            abs(eigenvalue), tiny
+        )
         change = math.inf if previous is None else abs(eigenvalue - previous)
         if change < tol * abs(eigenvalue):
-            break
+            return eigenvalue, residual, None
         previous = eigenvalue
         v = w / norm
-    return eigenvalue
+    if tol == 0:
+        return eigenvalue, residual, None
+    relative = change / max(abs(eigenvalue), tiny)
+    message = _unconverged_message(iters, tol, eigenvalue, residual, relative)
+    return eigenvalue, residual, message
 
 
 # --------------------------------------------------------------------------
@@ -479,7 +543,9 @@ def hessian_top_eigenvalue(
     sample_weight: Any = None,
     training: bool = False,
     tol: float = 1e-6,
-) -> float:
+    *,
+    return_residual: bool = False,
+) -> Any:
     r"""The largest-magnitude eigenvalue of the loss Hessian, signed.
 
     Runs `top_eigenvalue` (power iteration on the Rayleigh quotient
@@ -501,9 +567,16 @@ def hessian_top_eigenvalue(
         sample_weight: Optional per-sample loss weights.
         training: Run the forward pass in training mode.
         tol: Relative change of the estimate that stops the iteration.
+            When ``iters`` iterations run without meeting it (``tol >
+            0``), a `ConvergenceWarning` states the residual: the value
+            may then be well below the true eigenvalue.
+        return_residual: Also return the relative residual
+            :math:`\lVert H v - \lambda v \rVert / |\lambda|` of the
+            final iterate (see `top_eigenvalue`).
 
     Returns:
-        The eigenvalue, a float.
+        The eigenvalue, a float; with ``return_residual``, the pair
+        ``(eigenvalue, residual)``.
 
     Example:
     >>> import keras, keras_seht, numpy as np
@@ -519,9 +592,14 @@ def hessian_top_eigenvalue(
     seed = _check_seed(seed)
     tol = _check_tol(tol)
     hessian = operators.HessianOperator(model, x, y, sample_weight, training)
-    return top_eigenvalue(
-        hessian, hessian.shapes, iters=iters, seed=seed, tol=tol
+    eigenvalue, residual, unconverged = _power_iteration(
+        hessian, hessian.shapes, iters, seed, tol
     )
+    if unconverged is not None:
+        warnings.warn(unconverged, ConvergenceWarning, stacklevel=2)
+    if return_residual:
+        return eigenvalue, residual
+    return eigenvalue
 
 
 def hessian_trace_hutchpp(

@@ -323,3 +323,63 @@ def test_tampered_keras_file_raises_value_error(seht, tmp_path):
     _tamper(path, seht)
     with pytest.raises(ValueError, match="`seht`.*Bogus"):
         keras.models.load_model(path)
+
+
+# --------------------------------------------------------------------------
+# The probe seed stream survives save / load
+# --------------------------------------------------------------------------
+
+
+def _weights(model):
+    return [_numpy(v) for v in model.trainable_variables]
+
+
+@pytest.mark.parametrize("style", ["sequential", "functional"])
+def test_training_continues_the_probe_stream_after_load(style, tmp_path):
+    """1 epoch, save, load, 1 epoch == 2 epochs uninterrupted."""
+    x, y = make_data(n=24, d=D, k=K)
+
+    def fresh():
+        keras.utils.set_random_seed(0)
+        model, _ = _pair(style)
+        model.compile(
+            keras.optimizers.SGD(0.1, momentum=0.9),
+            LOSS,
+            seht=SEHTH(max_iter=2, strength=0.5),
+        )
+        return model
+
+    fit = {"batch_size": 8, "shuffle": False, "verbose": 0}
+    whole = fresh()
+    whole.fit(x, y, epochs=2, **fit)
+    first = fresh()
+    first.fit(x, y, epochs=1, **fit)
+    state = _numpy(first.seht_seed_generator.state)
+    first.save(tmp_path / "model.keras")
+    keras.utils.set_random_seed(123)  # the stream must not restart from here
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_array_equal(
+        _numpy(loaded.seht_seed_generator.state), state
+    )
+    loaded.fit(x, y, epochs=1, **fit)
+    for got, want in zip(_weights(loaded), _weights(whole), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_files_carry_the_probe_seed_state(tmp_path):
+    model, _ = _pair("sequential")
+    model.compile("sgd", LOSS, seht=SEHTH())
+    x, y = make_data(n=8, d=D, k=K)
+    model.train_on_batch(x, y)
+    model.save_weights(tmp_path / "w.weights.h5")
+    other, _ = _pair("sequential")
+    other.compile("sgd", LOSS, seht=SEHTH())
+    other.load_weights(tmp_path / "w.weights.h5")
+    np.testing.assert_array_equal(
+        _numpy(other.seht_seed_generator.state),
+        _numpy(model.seht_seed_generator.state),
+    )
+    plain, _ = _pair("sequential")  # seht=None: the entry is ignored
+    plain.compile("sgd", LOSS)
+    plain.load_weights(tmp_path / "w.weights.h5")
+    assert not hasattr(plain, "seht_seed_generator")

@@ -114,3 +114,46 @@ def test_readme_links_resolve():
     """Every relative link of the README names a file that exists."""
     for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", README.read_text()):
         assert (README.parent / target).is_file(), target
+
+
+def _extras() -> dict[str, list[str]]:
+    import tomllib
+
+    with open(README.parent / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    return project["optional-dependencies"]
+
+
+def test_snippets_say_which_extra_they_need():
+    """A README or docs/index.md snippet importing a package that the
+    `[torch]` install lacks names the extra that brings it, and that
+    extra's install command is shown (issue 23, item 1)."""
+    extras = _extras()
+    base = {"keras", "keras_seht", "numpy"}
+    for page in (README, DOCS / "index.md"):
+        text = page.read_text()
+        blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+        assert blocks
+        for block in blocks:
+            for line in block.splitlines():
+                found = re.match(r"(?:from|import) (\w+)", line)
+                if not found or found.group(1) in base:
+                    continue
+                package = {"sklearn": "scikit-learn"}.get(
+                    found.group(1), found.group(1)
+                )
+                named = re.search(r'# the "(\w+)" extra', line)
+                assert named, (page.name, line)
+                extra = named.group(1)
+                assert any(req.startswith(package) for req in extras[extra]), (
+                    extra,
+                    package,
+                )
+                assert f'pip install "keras-seht[torch,{extra}]"' in text
+
+
+def test_readme_says_import_keras_seht_before_loading():
+    """Loading a saved model needs `import keras_seht` (item 8)."""
+    for page in (README, DOCS / "index.md"):
+        text = " ".join(page.read_text().split())
+        assert "load it after `import keras_seht`" in text, page.name

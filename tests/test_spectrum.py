@@ -12,6 +12,7 @@ the trace estimator must agree with).
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -21,6 +22,7 @@ from conftest import compile_plain, image_data, make_data, tanh_mlp, tiny_cnn
 import keras_seht
 from keras_seht.operators import HessianOperator
 from keras_seht.spectrum import (
+    ConvergenceWarning,
     hessian_top_eigenvalue,
     hessian_trace_hutchpp,
     hutchinson_trace,
@@ -325,8 +327,11 @@ class TestSmallMLP:
         value = hessian_top_eigenvalue(model, x, y, iters=1000, tol=0.0)
         expected = largest_magnitude(h)
         assert value == pytest.approx(expected, rel=1e-5)
-        # The defaults stop early, close to it, and below it.
-        default = hessian_top_eigenvalue(model, x, y)
+        # The defaults stop early, close to it, and below it (here after
+        # all 100 iterations, with a ConvergenceWarning on some backends).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            default = hessian_top_eigenvalue(model, x, y)
         assert default == pytest.approx(expected, rel=1e-2)
         assert abs(default) <= abs(expected) * (1 + 1e-5)
         for a, b in zip(before, weights_of(model)):
@@ -357,7 +362,7 @@ class TestSmallMLP:
         model(x)
         before = weights_of(model)
         # Both functions evaluate the loss through `HessianOperator`.
-        hessian_top_eigenvalue(model, x, y, iters=3, training=True)
+        hessian_top_eigenvalue(model, x, y, iters=3, tol=0.0, training=True)
         for a, b in zip(before, weights_of(model)):
             np.testing.assert_array_equal(a, b)
 

@@ -17,7 +17,12 @@ import keras
 import numpy as np
 
 from keras_seht import spectrum
-from keras_seht._checks import check_choice, check_int
+from keras_seht._checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_samples,
+)
 from keras_seht.operators import HessianOperator
 
 UNITS = ("epoch", "batch")
@@ -178,6 +183,14 @@ class CurvatureMonitor(keras.callbacks.Callback):
         super().__init__()
         if x is None:
             raise ValueError("`x` must be the probe batch's inputs, not None.")
+        samples = check_samples("x", x)
+        for name, data in (("y", y), ("sample_weight", sample_weight)):
+            if data is not None and check_samples(name, data) != samples:
+                raise ValueError(
+                    f"`x` and `{name}` must hold the same number of "
+                    f"samples. Received: {samples} and "
+                    f"{check_samples(name, data)}"
+                )
         self.every = check_int("every", every)
         check_choice("unit", unit, UNITS)
         self.trace_samples = check_int("trace_samples", trace_samples, 0)
@@ -204,7 +217,7 @@ class CurvatureMonitor(keras.callbacks.Callback):
             )
         self.x, self.y, self.sample_weight = x, y, sample_weight
         self.unit = unit
-        self.training = bool(training)
+        self.training = check_bool("training", training)
         self.prefix = prefix
         self.verbose = int(verbose)
         # In "epoch" mode on_train_batch_end does nothing, so it is safe

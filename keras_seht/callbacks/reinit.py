@@ -17,7 +17,12 @@ import numpy as np
 
 from keras_seht import _keras_compat as compat
 from keras_seht import spectrum
-from keras_seht._checks import check_choice, check_int
+from keras_seht._checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_samples,
+)
 from keras_seht.layout import weight_layout
 from keras_seht.operators import HessianOperator
 
@@ -175,16 +180,19 @@ class HessianReinit(keras.callbacks.Callback):
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"`seed` must be an integer. Received: {seed!r}")
         self.seed = int(seed)
-        self.training = bool(training)
-        self.reset_optimizer_state = bool(reset_optimizer_state)
-        self._x = keras.tree.map_structure(np.asarray, x)
-        self._y = keras.tree.map_structure(np.asarray, y)
-        self._num_samples = len(keras.tree.flatten(self._x)[0])
-        if len(keras.tree.flatten(self._y)[0]) != self._num_samples:
+        self.training = check_bool("training", training)
+        self.reset_optimizer_state = check_bool(
+            "reset_optimizer_state", reset_optimizer_state
+        )
+        self._num_samples = check_samples("x", x)
+        y_samples = check_samples("y", y)
+        if y_samples != self._num_samples:
             raise ValueError(
                 "`x` and `y` must hold the same number of samples. Received: "
-                f"{self._num_samples} and {len(keras.tree.flatten(self._y)[0])}"
+                f"{self._num_samples} and {y_samples}"
             )
+        self._x = keras.tree.map_structure(np.asarray, x)
+        self._y = keras.tree.map_structure(np.asarray, y)
         self._rng = np.random.default_rng(self.seed)
         self._updates = 0
         self._calls = 0

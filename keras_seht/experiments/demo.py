@@ -34,6 +34,7 @@ tiny models several times faster under the torch backend.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import sys
@@ -47,7 +48,11 @@ import keras_seht
 from keras_seht._io import save_figure, write_json
 from keras_seht.data import load_digits
 from keras_seht.estimators import CurvatureEstimator
-from keras_seht.experiments.cli import non_negative_float, positive_int
+from keras_seht.experiments.cli import (
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from keras_seht.experiments.runner import versions
 
 #: Default penalty strength (see the module docstring for why).
@@ -143,36 +148,65 @@ def _parse_models(value: str) -> list[str]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    """The demo's command-line interface."""
+    """The demo's command-line interface.
+
+    Every option's help states its default.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m keras_seht.experiments.demo",
         description=(
             "Train a small MLP and CNN on scikit-learn's digits with and "
             "without SEHT penalties; report test accuracy, the exact "
             "Hessian trace of the trained model and the training-time "
-            "ratio to plain Keras."
+            "ratio to plain Keras. Needs scikit-learn and matplotlib: "
+            'pip install "keras-seht[demo]".'
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=positive_int, default=8)
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=8,
+        help="training epochs of every run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        help="training batch size (default: %(default)s)",
+    )
     parser.add_argument(
         "--strength",
         type=non_negative_float,
         default=DEFAULT_STRENGTH,
         help=(
-            "penalty strength of every SEHT run (see the module docstring: "
-            "at 0.01 SEHT-H clearly lowers the trace at little accuracy "
-            "cost; at 0.03 and above it collapses these small models)"
+            "penalty strength of every SEHT run: at 0.01 SEHT-H clearly "
+            "lowers the trace at little accuracy cost; at 0.03 and above it "
+            "collapses these small models (default: %(default)s)"
         ),
     )
-    parser.add_argument("--learning-rate", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--learning-rate",
+        type=positive_float,
+        default=0.05,
+        help="learning rate of SGD with momentum 0.9 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help=(
+            "seed of the train/test split, the weights and the probes; "
+            "every run uses it (default: %(default)s)"
+        ),
+    )
     parser.add_argument(
         "--probe-samples",
         type=positive_int,
         default=256,
-        help="training samples on which the exact Hessian trace is taken",
+        help=(
+            "training samples on which the exact Hessian trace is taken "
+            "(default: %(default)s)"
+        ),
     )
     parser.add_argument(
         "--train-samples",
@@ -184,9 +218,20 @@ def make_parser() -> argparse.ArgumentParser:
         "--models",
         type=_parse_models,
         default=list(MODELS),
-        help="comma-separated subset of: " + ", ".join(MODELS),
+        help=(
+            "comma-separated subset of: "
+            + ", ".join(MODELS)
+            + f" (default: {','.join(MODELS)})"
+        ),
     )
-    parser.add_argument("--output-dir", default="demo_output")
+    parser.add_argument(
+        "--output-dir",
+        default="demo_output",
+        help=(
+            "folder for results.json and curves.png, created if missing "
+            "(default: %(default)s)"
+        ),
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -196,6 +241,37 @@ def make_parser() -> argparse.ArgumentParser:
         ),
     )
     return parser
+
+
+#: The packages the demo needs beyond keras-seht's own dependencies
+#: (module name, distribution name), all in the ``demo`` extra.
+REQUIREMENTS = (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"))
+
+
+def check_requirements() -> None:
+    """Raises SystemExit naming the ``demo`` extra if a package is missing.
+
+    Checked before any training, so a missing plotting library does not
+    end the demo after every run has trained.
+
+    Raises:
+        SystemExit: with a message naming the missing packages and the
+            ``pip install "keras-seht[demo]"`` that brings them.
+    """
+    missing = []
+    for module, distribution in REQUIREMENTS:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(distribution)
+    if missing:
+        needed = " and ".join(dist for _, dist in REQUIREMENTS)
+        raise SystemExit(
+            f"The keras-seht demo needs {needed}; missing: "
+            f"{', '.join(missing)}. Install them with the 'demo' extra: "
+            'pip install "keras-seht[demo]" (or pip install '
+            f"{' '.join(missing)})."
+        )
 
 
 def _compile(model: keras.Model, estimator: Any, learning_rate: float) -> None:
@@ -380,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = make_parser().parse_args(
         None if argv is None else [str(a) for a in argv]
     )
+    check_requirements()
     if args.quick:
         args.epochs = QUICK["epochs"]
         args.train_samples = args.train_samples or QUICK["train_samples"]
@@ -446,11 +523,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     json_path = os.path.join(args.output_dir, "results.json")
     png_path = os.path.join(args.output_dir, "curves.png")
     write_json(json_path, results)
-    plot_curves(png_path, runs, probe_samples)
-
+    # The table first: it is the demo's result, and needs no plotting.
     print()
     print(format_table(runs, probe_samples, args.strength))
-    print()
+    print(flush=True)
+    plot_curves(png_path, runs, probe_samples)
     print(f"Wrote {json_path} and {png_path} ({total_seconds:.1f}s).")
     return results
 

@@ -234,6 +234,24 @@ def _to_series(values: Any) -> np.ndarray | None:
     return np.asarray(out, dtype="float64")
 
 
+#: Why a demo's ``results.json`` is skipped (its runs are all in one file,
+#: and the demo prints their table itself).
+DEMO_SKIPPED = (
+    "no 'format' key: the output of `keras-seht demo`, not of an example "
+    "script: the demo "
+    "prints its own table (its 'runs' hold every model and method); this "
+    f"report reads one {RESULTS_FORMAT} file per run, as examples/*.py "
+    "write them"
+)
+
+
+def _is_demo_results(data: dict[str, Any]) -> bool:
+    """Whether `data` is the ``results.json`` of the demo."""
+    return isinstance(data.get("runs"), list) and isinstance(
+        data.get("config"), dict
+    )
+
+
 def parse_run(data: Any, path: str) -> Run:
     """A `Run` from the decoded contents of a ``results.json``.
 
@@ -243,6 +261,8 @@ def parse_run(data: Any, path: str) -> Run:
     if not isinstance(data, dict):
         raise ValueError(f"not a JSON object (got {type(data).__name__})")
     fmt = data.get("format")
+    if fmt is None and _is_demo_results(data):
+        raise ValueError(DEMO_SKIPPED)
     if fmt != RESULTS_FORMAT:
         raise ValueError(
             f"format is {fmt!r}, not {RESULTS_FORMAT!r}"
@@ -766,9 +786,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m keras_seht.experiments.report",
         description=(
-            "Summarize finished example runs (results.json files, searched "
+            "Summarize finished runs of the example scripts (their "
+            f"per-run results.json files, format {RESULTS_FORMAT}, searched "
             "recursively) as Markdown tables of mean ± standard error over "
-            "seeds per method, and plot their training curves."
+            "seeds per method, and plot their training curves. The demo's "
+            "results.json is not such a file: the demo prints its own "
+            "table."
         ),
     )
     parser.add_argument("runs_dir", metavar="RUNS_DIR")
@@ -820,6 +843,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.runs_dir!r} is a readable {RESULTS_FORMAT} record.",
             file=sys.stderr,
         )
+        if any(DEMO_SKIPPED in message for message in skipped):
+            print(
+                "The report summarizes runs of the example scripts "
+                "(examples/*.py, e.g. `python examples/"
+                "mnist_hessian_reinit.py --smoke`, then `keras-seht report "
+                "runs/mnist_hessian_reinit`). `keras-seht demo` prints its "
+                "own table when it runs; its results.json is plain JSON "
+                "to read directly.",
+                file=sys.stderr,
+            )
         return 1
     if args.metric:
         known = {k for run in runs if run.complete for k in run.final}

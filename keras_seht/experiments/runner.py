@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import time
+import zipfile
 from typing import Any, Callable, Sequence
 
 import keras
@@ -70,12 +71,30 @@ def versions() -> dict[str, str | None]:
 
 
 def load_results(output_dir: str) -> dict[str, Any] | None:
-    """The run's ``results.json``, or None when there is none."""
+    """The run's ``results.json``, or None when there is none.
+
+    Raises:
+        ValueError: The file is not valid JSON (e.g. truncated): the
+            message names it and says what to do.
+    """
     path = os.path.join(output_dir, RESULTS_FILE)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError too
+        raise ValueError(
+            f"{path} is truncated or corrupt ({e}). Delete it and run "
+            f"again: a {CHECKPOINT_FILE} next to it, if any, is resumed; "
+            "without one the run starts over."
+        ) from e
+    if not isinstance(results, dict):
+        raise ValueError(
+            f"{path} is not a results file (it holds no JSON object). "
+            "Delete it and run again."
+        )
+    return results
 
 
 # --------------------------------------------------------------- checkpoint
@@ -134,7 +153,8 @@ def save_checkpoint(
     """Writes a checkpoint of the run to `path`, atomically.
 
     The model's and optimizer's variables, the torch RNG, the callbacks'
-    states and `meta` (JSON-able).
+    states and `meta` (JSON-able; `run_training` puts the run's config
+    and Keras backend there, to refuse resuming with other ones).
     """
     arrays: dict[str, np.ndarray] = {}
     for i, v in enumerate(model.variables):
@@ -149,39 +169,100 @@ def save_checkpoint(
     write_npz(path, **arrays)
 
 
+def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Reads a checkpoint: its `meta` and its arrays (by name).
+
+    Raises:
+        ValueError: The file cannot be read (e.g. truncated by a kill or
+            a full disk): the message names it and says what to do.
+    """
+    try:
+        # Opened here: np.load leaves its own file open on a bad archive.
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
+            arrays = {k: np.asarray(data[k]) for k in data.files}
+        meta = json.loads(str(arrays.pop("meta")))
+        if not isinstance(meta, dict):
+            raise ValueError("its meta entry is not a JSON object")
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as e:
+        raise ValueError(
+            f"The checkpoint {path} is truncated or corrupt "
+            f"({type(e).__name__}: {e}). Delete it to start the run over "
+            "(or restore it from a backup)."
+        ) from e
+    return meta, arrays
+
+
+def _check_checkpoint_settings(
+    path: str, meta: dict[str, Any], config: dict[str, Any]
+) -> None:
+    """Refuses a checkpoint written with another config or backend."""
+    backend = keras.config.backend()
+    saved_backend = meta.get("backend")
+    if saved_backend is not None and saved_backend != backend:
+        raise ValueError(
+            f"The checkpoint {path} was written on the {saved_backend} "
+            f"backend, not {backend}: resume it with "
+            f"KERAS_BACKEND={saved_backend}, or delete it (or choose "
+            "another --output-dir) to start over."
+        )
+    saved = meta.get("config")
+    if saved is not None and not _same_config(saved, config):
+        raise ValueError(
+            f"The checkpoint {path} comes from a run with another "
+            f"configuration ({saved}); choose another --output-dir or "
+            "delete it."
+        )
+
+
 def load_checkpoint(
-    path: str, model: keras.Model, callbacks: Sequence[Any] = ()
+    path: str,
+    model: keras.Model,
+    callbacks: Sequence[Any] = (),
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Restores what `save_checkpoint` wrote; returns its `meta`.
 
     The torch RNG state is not set here: it comes back in
     ``meta["torch_rng"]`` (under torch), for `run_training` to set when
     the next `fit` starts training.
+
+    Args:
+        path: The checkpoint file.
+        model: The compiled model whose variables are restored.
+        callbacks: The callbacks whose states are restored.
+        config: The run's config, or None: given, a checkpoint written
+            by a run with another config (other than `RESUMABLE_KEYS`) or
+            on another Keras backend is refused before anything changes.
+
+    Raises:
+        ValueError: The file is truncated or corrupt, was written with
+            other settings, or for another model.
     """
-    with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(str(data["meta"]))
-        groups = (
-            ("model", model.variables),
-            ("optimizer", _optimizer(model).variables),
+    meta, data = read_checkpoint(path)
+    if config is not None:
+        _check_checkpoint_settings(path, meta, config)
+    groups = (
+        ("model", model.variables),
+        ("optimizer", _optimizer(model).variables),
+    )
+    for prefix, variables in groups:
+        saved = sorted(
+            (k for k in data if k.startswith(prefix + "_")),
+            key=lambda k: int(k.rsplit("_", 1)[1]),
         )
-        for prefix, variables in groups:
-            saved = sorted(
-                (k for k in data.files if k.startswith(prefix + "_")),
-                key=lambda k: int(k.rsplit("_", 1)[1]),
+        if len(saved) != len(variables) or any(
+            tuple(data[k].shape) != tuple(v.shape)
+            for k, v in zip(saved, variables)
+        ):
+            raise ValueError(
+                f"The checkpoint {path} does not match this model's "
+                f"{prefix} variables: it comes from another model. "
+                "Delete it or choose another output directory."
             )
-            if len(saved) != len(variables) or any(
-                tuple(data[k].shape) != tuple(v.shape)
-                for k, v in zip(saved, variables)
-            ):
-                raise ValueError(
-                    f"The checkpoint {path} does not match this model's "
-                    f"{prefix} variables: it comes from another model. "
-                    "Delete it or choose another output directory."
-                )
-            for k, v in zip(saved, variables):
-                v.assign(data[k])
-        if "torch_rng" in data and keras.config.backend() == "torch":
-            meta["torch_rng"] = data["torch_rng"]
+        for k, v in zip(saved, variables):
+            v.assign(data[k])
+    if "torch_rng" in data and keras.config.backend() == "torch":
+        meta["torch_rng"] = data["torch_rng"]
     states = meta.get("callbacks", [])
     stateful = _stateful(callbacks)
     if len(states) != len(stateful):
@@ -293,8 +374,12 @@ def run_training(
     history: dict[str, list] = {}
     start, wall_time = 0, 0.0
     restore_rng: list[keras.callbacks.Callback] = []
+    settings = {
+        "config": json.loads(json.dumps(config)),
+        "backend": keras.config.backend(),
+    }
     if os.path.exists(checkpoint_path):
-        meta = load_checkpoint(checkpoint_path, model, callbacks)
+        meta = load_checkpoint(checkpoint_path, model, callbacks, config)
         start, history = meta["epoch"], meta["history"]
         wall_time = meta["wall_time_s"]
         if "torch_rng" in meta:
@@ -343,7 +428,12 @@ def run_training(
         save_checkpoint(
             checkpoint_path,
             model,
-            {"epoch": epoch, "history": history, "wall_time_s": wall_time},
+            {
+                "epoch": epoch,
+                "history": history,
+                "wall_time_s": wall_time,
+                **settings,
+            },
             callbacks,
         )
         results.update(epochs_completed=epoch, wall_time_s=wall_time)
