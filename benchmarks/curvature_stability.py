@@ -76,6 +76,7 @@ import numpy as np
 
 from keras_seht._io import atomic_write
 from keras_seht.data import load_digits
+from keras_seht.experiments.cli import positive_int
 from keras_seht.experiments.demo import (
     _compile,
     _TrainTimer,
@@ -165,13 +166,6 @@ def _float_list(value: str) -> list[float]:
     return sorted(set(numbers))
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
-
-
 def make_parser() -> argparse.ArgumentParser:
     """The command-line parser of the benchmark."""
     parser = argparse.ArgumentParser(
@@ -179,7 +173,7 @@ def make_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0].replace("\n", " "),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS)
     parser.add_argument("--seeds", type=_int_list, default=[0, 1, 2])
     parser.add_argument(
         "--strengths", type=_float_list, default=[1e-3, 1e-2, 1e-1]

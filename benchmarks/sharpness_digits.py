@@ -75,6 +75,7 @@ import numpy as np
 
 from keras_seht._io import write_json
 from keras_seht.data import load_digits
+from keras_seht.experiments.cli import positive_int
 from keras_seht.experiments.demo import _compile, _TrainTimer, build_mlp
 from keras_seht.experiments.runner import versions
 from keras_seht.regularizers import GradientNorm
@@ -139,13 +140,6 @@ def _seeds(value: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
-
-
 def make_parser() -> argparse.ArgumentParser:
     """The command-line parser of the benchmark."""
     parser = argparse.ArgumentParser(
@@ -161,7 +155,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--epochs",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_EPOCHS,
         help="training epochs of every run (the demo's default)",
     )

@@ -563,7 +563,7 @@ class CurvatureProducts:
         return tf.cast(tf.vectorized_map(row, rows), rows.dtype)
 
     def _output_rows(self, z: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
-        """(k, M): rows of U H_z, the Jacobian of U (d ell / dz)."""
+        """(k, M): rows of U H_z, the derivative of U (d ell / dz) in z."""
         import tensorflow as tf
 
         _, y, sample_weight = self._batch
