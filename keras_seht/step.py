@@ -136,7 +136,7 @@ def plan_step(
 
 
 def objective(penalties: Sequence[Any], values: Sequence[Any]) -> Any:
-    r""":math:`\sum_j \text{strength}_j \phi_j(v_j)` (0 without penalties)."""
+    r""":math:`\sum_j \text{strength}_j \phi_j(v_j)`, None without penalties."""
     total = None
     for penalty, value in zip(penalties, values):
         term = penalty.strength * penalty.objective_value(value)
