@@ -510,15 +510,7 @@ class CurvatureProducts:
     def _hessian_rows(self, rows: tf.Tensor) -> tf.Tensor:
         import tensorflow as tf
 
-        with tf.GradientTape(watch_accessed_variables=False) as outer:
-            outer.watch(self.params)
-            with (
-                tf.GradientTape(watch_accessed_variables=False) as inner,
-                compat.exact_tf_moments(),
-            ):
-                inner.watch(self.params)
-                loss, _ = self._forward(self.params)
-            grads = _gradient(inner, loss, self.params)
+        outer, grads = self._gradient_tape()
         sizes = [p.shape.num_elements() for p in self.params]
 
         def row(v: tf.Tensor) -> tf.Tensor:
