@@ -84,6 +84,7 @@ from keras_seht.experiments.demo import (
     build_mlp,
     write_json,
 )
+from keras_seht.experiments.report import finite_stats
 from keras_seht.experiments.runner import versions
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -356,15 +357,6 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, Any, int]]:
     return runs
 
 
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-    """Mean and standard error over the finite values."""
-    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
-    k = len(finite)
-    mean = float(np.mean(finite)) if k else float("nan")
-    se = float(np.std(finite, ddof=1) / math.sqrt(k)) if k > 1 else math.nan
-    return {"mean": mean, "se": se, "finite": k, "n": len(values)}
-
-
 def add_time_ratios(records: list[dict[str, Any]]) -> None:
     """Sets each record's time ratio to the same model and seed's baseline."""
     base = {
@@ -405,14 +397,18 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "method": key[1],
                 "strength": key[2],
                 "seeds": [r["seed"] for r in runs],
-                "test_accuracy": _stats([r["test_accuracy"] for r in runs]),
-                "exact_trace": _stats([r["exact_trace"] for r in runs]),
-                "top_eigenvalue": _stats([r["top_eigenvalue"] for r in runs]),
+                "test_accuracy": finite_stats(
+                    [r["test_accuracy"] for r in runs]
+                ),
+                "exact_trace": finite_stats([r["exact_trace"] for r in runs]),
+                "top_eigenvalue": finite_stats(
+                    [r["top_eigenvalue"] for r in runs]
+                ),
                 "diverged_share": float(np.mean([r["diverged"] for r in runs])),
                 "diverged_runs": int(sum(r["diverged"] for r in runs)),
-                "time_ratio": _stats([r["time_ratio"] for r in runs]),
+                "time_ratio": finite_stats([r["time_ratio"] for r in runs]),
                 "negative_fraction": (
-                    _stats([r["negative_fraction"] for r in runs])
+                    finite_stats([r["negative_fraction"] for r in runs])
                     if seht
                     else None
                 ),

@@ -77,6 +77,7 @@ from keras_seht._io import write_json
 from keras_seht.data import load_digits
 from keras_seht.experiments.cli import positive_int
 from keras_seht.experiments.demo import _compile, _TrainTimer, build_mlp
+from keras_seht.experiments.report import finite_stats
 from keras_seht.experiments.runner import versions
 from keras_seht.regularizers import GradientNorm
 
@@ -267,15 +268,6 @@ def run_one(
 # --------------------------------------------------------------------------
 
 
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-    """Mean and standard error (ddof 1) over the finite values."""
-    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
-    k = len(finite)
-    mean = float(np.mean(finite)) if k else float("nan")
-    se = float(np.std(finite, ddof=1) / math.sqrt(k)) if k > 1 else math.nan
-    return {"mean": mean, "se": se, "finite": k, "n": len(values)}
-
-
 def add_time_ratios(records: list[dict[str, Any]]) -> None:
     """Sets each record's time-per-epoch ratio to the same seed's baseline."""
     base = {
@@ -313,19 +305,21 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ) -> dict[str, Any] | None:
             if method == "baseline":
                 return None
-            return _stats([r[key] - base[r["seed"]][key] for r in paired])
+            return finite_stats([r[key] - base[r["seed"]][key] for r in paired])
 
         rows.append(
             {
                 "method": method,
                 "label": METHODS[method][0],
                 "seeds": [r["seed"] for r in runs],
-                "test_accuracy": _stats([r["test_accuracy"] for r in runs]),
-                "best_test_accuracy": _stats(
+                "test_accuracy": finite_stats(
+                    [r["test_accuracy"] for r in runs]
+                ),
+                "best_test_accuracy": finite_stats(
                     [r["best_test_accuracy"] for r in runs]
                 ),
-                "test_loss": _stats([r["test_loss"] for r in runs]),
-                "time_ratio": _stats([r["time_ratio"] for r in runs]),
+                "test_loss": finite_stats([r["test_loss"] for r in runs]),
+                "time_ratio": finite_stats([r["time_ratio"] for r in runs]),
                 "paired_seeds": [r["seed"] for r in paired],
                 "delta_test_accuracy": delta("test_accuracy"),
                 "delta_best_test_accuracy": delta("best_test_accuracy"),

@@ -384,6 +384,23 @@ def mean_se(values: Sequence[float]) -> Stat:
     return Stat(mean, math.sqrt(var / n), n)
 
 
+def finite_stats(values: Sequence[float | None]) -> dict[str, Any]:
+    """`mean_se` over the finite values, with how many there were.
+
+    Returns:
+        ``{"mean", "se", "finite", "n"}``: NaN mean and SE without a
+        finite value, NaN SE with one (for the benchmarks' seed tables).
+    """
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    stat = mean_se(finite) if finite else Stat(math.nan, math.nan, 0)
+    return {
+        "mean": stat.mean,
+        "se": stat.se,
+        "finite": len(finite),
+        "n": len(values),
+    }
+
+
 def _is_baseline(method: str) -> bool:
     return method.lower() == BASELINE
 
