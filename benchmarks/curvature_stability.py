@@ -44,6 +44,11 @@ standard error over seeds. Run it with::
     OMP_NUM_THREADS=1 python benchmarks/curvature_stability.py
     python benchmarks/curvature_stability.py --models mlp_tanh --seeds 0
     python benchmarks/curvature_stability.py --smoke --output-dir /tmp/cs
+    python benchmarks/curvature_stability.py --safeguard 1.0 --output-dir /tmp/b
+
+``--safeguard MAX_RATIO`` trains the SEHT runs with
+``seht_safeguard=keras_seht.GradientBound(MAX_RATIO)`` (recorded in the
+setup, so that such results never resume into unbounded ones).
 
 It writes ``curvature_stability.json`` (raw per-run records, aggregates,
 versions and arguments; NaN is written as the JS literal ``NaN``) and
@@ -191,6 +196,16 @@ def make_parser() -> argparse.ArgumentParser:
         default=list(METHODS),
         help="comma-separated subset of " + ", ".join(METHODS),
     )
+    parser.add_argument(
+        "--safeguard",
+        type=float,
+        default=None,
+        metavar="MAX_RATIO",
+        help=(
+            "train the SEHT runs with seht_safeguard="
+            "keras_seht.GradientBound(MAX_RATIO) (default: none)"
+        ),
+    )
     parser.add_argument("--output-dir", default=str(RESULTS))
     parser.add_argument(
         "--fresh",
@@ -251,14 +266,28 @@ def run_one(
     data: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
     probe: tuple[np.ndarray, np.ndarray],
     epochs: int,
+    safeguard: float | None = None,
 ) -> dict[str, Any]:
-    """Trains one model with one method and measures it."""
+    """Trains one model with one method and measures it.
+
+    With `safeguard`, the SEHT runs train with
+    ``seht_safeguard=keras_seht.GradientBound(safeguard)``.
+    """
     (x_train, y_train), (x_test, y_test) = data
     estimator = make_estimator(method, strength)
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     model = BUILDERS[model_name]()
-    _compile(model, estimator, LEARNING_RATE)
+    if safeguard is None or estimator is None:
+        _compile(model, estimator, LEARNING_RATE)
+    else:
+        model.compile(
+            optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            seht=estimator,
+            seht_safeguard=keras_seht.GradientBound(safeguard),
+        )
     timer = _TrainTimer()
     history = model.fit(
         x_train,
@@ -530,6 +559,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "top_eigenvalue_iters": EIG_ITERS,
         "diverged_accuracy": DIVERGED_ACCURACY,
     }
+    if args.safeguard is not None:  # absent: older results still resume
+        keras_seht.GradientBound(args.safeguard)  # a bad value fails here
+        setup["seht_safeguard"] = {"GradientBound": args.safeguard}
     out_dir = pathlib.Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{STEM}.json"
@@ -587,7 +619,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 warm_up(model_name, x_train, y_train)
                 warmed.add(model_name)
             record = run_one(
-                model_name, method, strength, seed, data, probe, args.epochs
+                model_name,
+                method,
+                strength,
+                seed,
+                data,
+                probe,
+                args.epochs,
+                args.safeguard,
             )
             records.append(record)
             payload = checkpoint()

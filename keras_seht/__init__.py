@@ -37,6 +37,7 @@ from keras_seht.hessian import (
 )
 from keras_seht.layout import WeightLayout, weight_layout
 from keras_seht.model import Model, Sequential, wrap
+from keras_seht.safeguard import GradientBound
 from keras_seht.sharpness import ASAM, SAM
 from keras_seht.spectrum import hessian_top_eigenvalue, hessian_trace_hutchpp
 from keras_seht.version import __version__
@@ -51,6 +52,8 @@ __all__ = [
     "SEHTD",
     "SEHTH",
     "regularizers",
+    # Safeguard: a bound on the penalties' share of the update
+    "GradientBound",
     # Sharpness-aware minimization
     "SAM",
     "ASAM",

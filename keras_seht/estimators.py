@@ -117,7 +117,11 @@ class CurvatureEstimator(Penalty):
 
     with :math:`J = \partial z/\partial w` the Jacobian of the model's
     outputs :math:`z` and :math:`H_z = \nabla^2_z \ell` the Hessian of the
-    compiled loss with respect to them. :math:`G` is positive semi-definite
+    compiled loss with respect to them. A final softmax (sigmoid) with a
+    probability-space cross-entropy counts as part of the loss: :math:`z`
+    are then the logits and :math:`H_z = \operatorname{diag}(p) - pp^\top`
+    per sample (:math:`p(1-p)`), the canonical split, equal to the Fisher
+    (`keras_seht.output_split`). :math:`G` is positive semi-definite
     whenever the loss is convex in the outputs (cross-entropy, MSE), so
     :math:`t \ge 0`; it drops the term :math:`\sum_k \partial_{z_k}\ell\,
     \nabla^2_w z_k` of :math:`H`, and equals :math:`H` on the weights of

@@ -327,8 +327,16 @@ def gauss_newton_factors(
     with :math:`z` every output entry of the batch (flattened, ``M`` of
     them), :math:`w` the ``n`` trainable weights (in
     ``model.trainable_variables`` order, each flattened) and :math:`\ell`
-    the loss given to ``compile`` (without ``model.losses``). Costs one
-    reverse pass per output entry. No state of the model changes.
+    the loss given to ``compile`` (without ``model.losses``). An output
+    that ends in softmax (sigmoid) with a cross-entropy of probabilities
+    is split at the logits (`keras_seht.output_split`): its block of
+    :math:`H_z` is the Hessian of the surrogate :math:`\psi` there
+    (:math:`c_n W_n \operatorname{diag}(1/p_n)` for a softmax sample), so
+    that :math:`J^\top H_z J` is the canonical Gauss-Newton matrix
+    :math:`\sum_n W_n c_n J_{z,n}^\top (\operatorname{diag}(p_n) - p_n
+    p_n^\top) J_{z,n}` of the logits, while :math:`J` stays the Jacobian
+    of the outputs the model returns. Costs one reverse pass per output
+    entry. No state of the model changes.
 
     Args:
         model: A compiled Keras model.

@@ -18,12 +18,19 @@ import numpy as np
 from keras_seht import _keras_compat as compat
 from keras_seht import backend as seht_backend
 from keras_seht import regularizers, step
+from keras_seht import safeguard as safeguards
 from keras_seht.estimators import CurvatureEstimator
 from keras_seht.layout import WeightLayout, weight_layout
 from keras_seht.penalties import Penalty
 
 SKIPPED_LOG_KEY = "seht_skipped"
+UPDATE_SKIPPED_LOG_KEY = "seht_update_skipped"
+STEP_SKIPPED_LOG_KEY = "seht_step_skipped"
 NEGATIVE_LOG_KEY = "seht_negative_fraction"
+BOUNDED_LOG_KEY = "seht_bounded"
+BOUND_FACTOR_LOG_KEY = "seht_bound_factor"
+#: The skip counts, in the order the warnings name them.
+SKIP_LOG_KEYS = (SKIPPED_LOG_KEY, UPDATE_SKIPPED_LOG_KEY, STEP_SKIPPED_LOG_KEY)
 #: The entry of the model's saved state that holds the probe seed state.
 SEED_STATE_KEY = "seht_seed_state"
 
@@ -36,11 +43,25 @@ class SEHTTrainer:
     penalty's ``log_name`` (``seht_trace`` for the SEHT estimate t,
     ``jacobian_norm``, ``negative_entropy``, ``gradient_norm_sq``), with a
     curvature estimator ``seht_negative_fraction`` (the share of the
-    epoch's steps whose t was negative), and
-    ``seht_skipped``, the number of steps in the epoch whose penalty was
-    NaN/Inf and was therefore left out (those steps apply the plain loss
-    gradient). ``loss`` is the total objective L + sum strength * R, as
-    Keras logs weight regularization.
+    epoch's steps whose t was negative), and three counts of the epoch's
+    steps that the non-finite guard changed (`keras_seht.step`):
+
+    - ``seht_skipped``: a penalty value was NaN/Inf, so the penalties
+      were left out (the step applied the plain loss gradient);
+    - ``seht_update_skipped``: the values were finite but the penalized
+      update was not (a NaN/Inf entry, or its float32 squared norm
+      overflowed), so the step applied the plain loss gradient;
+    - ``seht_step_skipped``: the plain loss gradient was NaN/Inf too, so
+      no step was applied at all (weights and optimizer state unchanged).
+      Always 0 under a ``LossScaleOptimizer``, which skips such steps
+      itself (every fallback then is a non-finite gradient, so that it
+      also lowers its scale).
+
+    With ``seht_safeguard`` (`keras_seht.GradientBound`) it adds
+    ``seht_bounded``, the share of the steps whose penalized update the
+    bound shortened (c < 1), and ``seht_bound_factor``, the mean c. ``loss``
+    is the total objective L + sum strength * R, as Keras logs weight
+    regularization.
     """
 
     if TYPE_CHECKING:
@@ -51,9 +72,10 @@ class SEHTTrainer:
         jit_compile: Any
         # Set with object.__setattr__ (kept out of Keras' tracking).
         _seht: Penalty | list[Penalty] | None
+        _seht_safeguard: safeguards.GradientBound | None
         _seht_layout: tuple[tuple[int, ...], WeightLayout] | None
         _seht_trackers: tuple[Any, ...] | None
-        _seht_warned: bool
+        _seht_warned: frozenset[str]
         _seht_warned_step: bool
 
     def _seht_setup(self) -> None:
@@ -61,9 +83,10 @@ class SEHTTrainer:
         # compile(seht=...)): with seht=None the model's variables and
         # state tree are exactly plain Keras'.
         object.__setattr__(self, "_seht", None)
+        object.__setattr__(self, "_seht_safeguard", None)
         object.__setattr__(self, "_seht_layout", None)
         object.__setattr__(self, "_seht_trackers", None)
-        object.__setattr__(self, "_seht_warned", False)
+        object.__setattr__(self, "_seht_warned", frozenset())
 
     def _add_seht_seed_generator(self) -> None:
         """Creates ``seht_seed_generator``, once.
@@ -96,6 +119,16 @@ class SEHTTrainer:
         return getattr(self, "_seht", None)
 
     @property
+    def seht_safeguard(self) -> safeguards.GradientBound | None:
+        """The safeguard of ``compile(seht_safeguard=...)``.
+
+        None without one, and with ``seht=None`` (which ignores it).
+        """
+        if self.seht is None:
+            return None
+        return getattr(self, "_seht_safeguard", None)
+
+    @property
     def seht_penalties(self) -> list[Penalty]:
         """The penalties of ``compile(seht=...)`` as a list (maybe empty)."""
         return regularizers.as_list(self.seht)
@@ -112,9 +145,14 @@ class SEHTTrainer:
     def seht_log_keys(self) -> tuple[str, ...]:
         """The log entries the penalties add (empty without ``seht``)."""
         names = tuple(p.log_name for p in self.seht_penalties)
+        if not names:
+            return ()
         if self.seht_estimator is not None:
             names += (NEGATIVE_LOG_KEY,)
-        return names + (SKIPPED_LOG_KEY,) if names else ()
+        names += SKIP_LOG_KEYS
+        if self.seht_safeguard is not None:
+            names += (BOUNDED_LOG_KEY, BOUND_FACTOR_LOG_KEY)
+        return names
 
     @property
     def seht_layout(self) -> WeightLayout:
@@ -133,10 +171,17 @@ class SEHTTrainer:
             object.__setattr__(self, "_seht_layout", (key, layout))
         return layout
 
-    def compile(self, *args: Any, seht: Any = None, **kwargs: Any) -> None:
+    def compile(
+        self,
+        *args: Any,
+        seht: Any = None,
+        seht_safeguard: Any = None,
+        **kwargs: Any,
+    ) -> None:
         """Configures the model for training, with an optional SEHT penalty.
 
-        Takes every argument of ``keras.Model.compile``, plus ``seht``.
+        Takes every argument of ``keras.Model.compile``, plus ``seht`` and
+        ``seht_safeguard``.
 
         Args:
             *args: Positional arguments of ``keras.Model.compile``.
@@ -148,6 +193,11 @@ class SEHTTrainer:
                 dict (``{"class_name": "seht_d", "config": {"p": 0.05}}``),
                 or a list of those, each added at its own ``strength``
                 (``[SEHTD(p=0.01), Jacobian(strength=0.01)]``).
+            seht_safeguard: None (the default: no bound), a
+                `keras_seht.GradientBound`, a positive float (its
+                ``max_ratio``) or its config dict: bounds the penalties'
+                share of each update relative to the plain loss gradient.
+                Ignored with ``seht=None``.
             **kwargs: Keyword arguments of ``keras.Model.compile``
                 (``optimizer``, ``loss``, ``metrics``, ...).
         """
@@ -155,6 +205,7 @@ class SEHTTrainer:
         # (uncompiled, or with its previous compile).
         estimator = regularizers.get(seht)
         penalties = regularizers.as_list(estimator)
+        safeguard = safeguards.get(seht_safeguard)
         if estimator is not None:
             compat.check_model(self)
             seht_backend.get()  # fail early on an unsupported backend
@@ -167,8 +218,11 @@ class SEHTTrainer:
         if estimator is not None:
             self._add_seht_seed_generator()
         object.__setattr__(self, "_seht", estimator)
+        object.__setattr__(
+            self, "_seht_safeguard", None if estimator is None else safeguard
+        )
         object.__setattr__(self, "_seht_layout", None)
-        object.__setattr__(self, "_seht_warned", False)
+        object.__setattr__(self, "_seht_warned", frozenset())
         object.__setattr__(self, "_seht_warned_step", False)
         object.__setattr__(self, "_seht_step_ran", False)
         if estimator is None:
@@ -177,7 +231,10 @@ class SEHTTrainer:
         trackers = [_ComputedMean(name=p.log_name) for p in penalties]
         if any(isinstance(p, CurvatureEstimator) for p in penalties):
             trackers.append(_ComputedMean(name=NEGATIVE_LOG_KEY))
-        trackers.append(keras.metrics.Sum(name=SKIPPED_LOG_KEY))
+        trackers.extend(keras.metrics.Sum(name=key) for key in SKIP_LOG_KEYS)
+        if safeguard is not None:
+            trackers.append(_ComputedMean(name=BOUNDED_LOG_KEY))
+            trackers.append(_ComputedMean(name=BOUND_FACTOR_LOG_KEY))
         object.__setattr__(self, "_seht_trackers", tuple(trackers))
         if (
             keras.config.backend() == "torch"
@@ -200,54 +257,99 @@ class SEHTTrainer:
             metrics.extend(self._seht_trackers)
         return metrics
 
-    def update_seht_trackers(self, values: Any, finite: Any) -> None:
-        """Records one step's penalty values (if finite) and skip count.
+    def update_seht_trackers(self, values: Any, guard: step.Guard) -> None:
+        """Records one step's penalty values (if finite), skips and bound.
 
         Args:
             values: One value R per penalty, in ``seht_penalties`` order.
-            finite: Whether all of them were finite (a bool or a tensor).
+            guard: What the step's guard decided (`keras_seht.step.Guard`).
         """
         # Only called after compile(seht=...) created the trackers.
-        trackers = cast(tuple[Any, ...], self._seht_trackers)
-        *value_trackers, skipped_tracker = trackers
+        trackers = {
+            t.name: t for t in cast(tuple[Any, ...], self._seht_trackers)
+        }
+        ops = keras.ops
         values = list(values)
         estimator = self.seht_estimator
         if estimator is not None:
             t = values[self.seht_penalties.index(estimator)]
-            values.append(keras.ops.cast(keras.ops.less(t, 0.0), "float32"))
-        weight = keras.ops.cast(finite, "float32")
-        for tracker, value in zip(value_trackers, values):
-            safe = keras.ops.where(finite, value, keras.ops.zeros_like(value))
-            tracker.update_state(safe, sample_weight=weight)
-        skipped_tracker.update_state(1.0 - weight)
+            values.append(ops.cast(ops.less(t, 0.0), "float32"))
+        finite = guard.finite
+        weight = ops.cast(finite, "float32")
+        names = [p.log_name for p in self.seht_penalties]
+        if estimator is not None:
+            names.append(NEGATIVE_LOG_KEY)
+        for name, value in zip(names, values):
+            safe = ops.where(finite, value, ops.zeros_like(value))
+            trackers[name].update_state(safe, sample_weight=weight)
+        used = ops.cast(guard.update_finite, "float32")
+        trackers[SKIPPED_LOG_KEY].update_state(1.0 - weight)
+        trackers[UPDATE_SKIPPED_LOG_KEY].update_state(weight - used)
+        applied = 1.0 if guard.applied is None else guard.applied
+        trackers[STEP_SKIPPED_LOG_KEY].update_state(
+            1.0 - ops.cast(applied, "float32")
+        )
+        if guard.factor is not None and BOUNDED_LOG_KEY in trackers:
+            bound = ops.cast(guard.bound, "float32")
+            factor = ops.where(
+                guard.update_finite, guard.factor, ops.ones_like(guard.factor)
+            )
+            trackers[BOUNDED_LOG_KEY].update_state(bound, sample_weight=used)
+            trackers[BOUND_FACTOR_LOG_KEY].update_state(
+                ops.cast(factor, "float32"), sample_weight=used
+            )
 
-    def warn_skipped_once(self, loss_finite: bool = True) -> None:
-        """Warns (once per compile) that a non-finite estimate was skipped.
+    def warn_skipped_once(self, reason: str, loss_finite: bool = True) -> None:
+        """Warns (once per compile and reason) that the guard changed steps.
 
         Args:
-            loss_finite: Whether the logged loss was finite. If not, the
-                plain loss gradient that replaced the penalties' was not
-                finite either, and the warning says so.
+            reason: The log entry that counted them: ``seht_skipped`` (a
+                penalty value was NaN/Inf), ``seht_update_skipped`` (the
+                penalized update was) or ``seht_step_skipped`` (the plain
+                loss gradient was too: no step).
+            loss_finite: Whether the logged loss was finite.
         """
-        if self._seht_warned:
+        if reason in self._seht_warned:
             return
-        object.__setattr__(self, "_seht_warned", True)
-        if loss_finite:
-            what = (
-                "the penalties were left out of that step's update, which "
-                "used the plain loss gradient"
+        object.__setattr__(self, "_seht_warned", self._seht_warned | {reason})
+        scaled = isinstance(
+            getattr(self, "optimizer", None),
+            keras.optimizers.LossScaleOptimizer,
+        )
+        if scaled:
+            fallback = (
+                "that step was skipped and the LossScaleOptimizer lowered "
+                "its scale (an overflow of the scaled derivatives)"
             )
         else:
+            fallback = "that step applied the plain loss gradient instead"
+        if reason == SKIPPED_LOG_KEY:
             what = (
-                "the penalties were left out of that step's update, but "
-                "the loss itself was NaN/Inf too, so that update was not "
-                "finite either and the weights may now be NaN/Inf"
+                "A `seht` penalty (e.g. the trace estimate) was NaN/Inf: "
+                f"the penalties were left out of that step's update; "
+                f"{fallback}. Such steps are counted in the `seht_skipped` "
+                "log entry, and a penalty's logged value is NaN for an "
+                "epoch whose steps were all skipped."
+            )
+        elif reason == UPDATE_SKIPPED_LOG_KEY:
+            what = (
+                "A `seht` penalty's gradient was NaN/Inf (or the update's "
+                "squared norm overflowed float32) while the penalty values "
+                f"were finite: the penalized update was dropped; {fallback}. "
+                "Such steps are counted in the `seht_update_skipped` log "
+                "entry. `seht_safeguard=keras_seht.GradientBound()` bounds "
+                "the penalties' share of the update."
+            )
+        else:
+            loss = "" if loss_finite else " (the logged loss is NaN/Inf)"
+            what = (
+                "The plain loss gradient was NaN/Inf too" + loss + ", so "
+                "the optimizer step was not applied at all (weights and "
+                "optimizer state unchanged). Such steps are counted in the "
+                "`seht_step_skipped` log entry; check the data and the loss."
             )
         warnings.warn(
-            f"A `seht` penalty (e.g. the trace estimate) was NaN/Inf: {what}. "
-            "Such steps are counted in the `seht_skipped` log entry, and a "
-            "penalty's logged value is NaN for an epoch whose steps were "
-            "all skipped. Consider a smaller learning rate or `strength`.",
+            f"{what} Consider a smaller learning rate or `strength`.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -362,6 +464,10 @@ class SEHTTrainer:
         config = super().get_compile_config()  # type: ignore[misc]
         if config and self.seht is not None:
             config["seht"] = regularizers.serialize(self.seht)
+            if self.seht_safeguard is not None:
+                config["seht_safeguard"] = safeguards.serialize(
+                    self.seht_safeguard
+                )
         return config
 
     def compile_from_config(self, config: dict[str, Any]) -> None:
@@ -369,14 +475,18 @@ class SEHTTrainer:
         config = dict(config)
         # Resolved first: a tampered entry raises before anything is built.
         seht = regularizers.get(config.pop("seht", None))
+        safeguard = safeguards.get(config.pop("seht_safeguard", None))
         config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config, seht=seht)
+        self.compile(**config, seht=seht, seht_safeguard=safeguard)
         if getattr(self, "optimizer", None) is not None and self.built:
             self.optimizer.build(self.trainable_variables)
 
 
 class _SkipWarning(keras.callbacks.Callback):
-    """Turns a non-zero ``seht_skipped`` log entry into a warning (once).
+    """Turns non-zero skip counts in the logs into warnings (once each).
+
+    ``seht_skipped``, ``seht_update_skipped`` and ``seht_step_skipped``:
+    each warning names its reason.
 
     Compiled train steps (JAX, TensorFlow) cannot warn from inside, so the
     skip count travels in the logs and is checked here, on every backend.
@@ -392,10 +502,12 @@ class _SkipWarning(keras.callbacks.Callback):
             model.warn_step_not_run()
             return
         logs = logs or {}
-        skipped = logs.get(SKIPPED_LOG_KEY)
-        if skipped is not None and float(skipped) > 0:
-            loss = logs.get("loss")
-            model.warn_skipped_once(loss is None or math.isfinite(float(loss)))
+        loss = logs.get("loss")
+        loss_finite = loss is None or math.isfinite(float(loss))
+        for key in SKIP_LOG_KEYS:
+            skipped = logs.get(key)
+            if skipped is not None and float(skipped) > 0:
+                model.warn_skipped_once(key, loss_finite)
 
 
 class _ComputedMean(keras.metrics.Mean):
@@ -417,12 +529,14 @@ class _ComputedMean(keras.metrics.Mean):
 class _SehtProgbar(keras.callbacks.ProgbarLogger):
     """Keras' progress bar without the all-zero bookkeeping entries.
 
-    ``seht_skipped`` and ``seht_negative_fraction`` are left out of the
-    bar while they are 0 (they stay in the logs and the history); once
-    non-zero, Keras' bar keeps showing them.
+    The skip counts (``seht_skipped``, ``seht_update_skipped``,
+    ``seht_step_skipped``), ``seht_negative_fraction`` and
+    ``seht_bounded`` are left out of the bar while they are 0 (they stay
+    in the logs and the history); once non-zero, Keras' bar keeps showing
+    them.
     """
 
-    QUIET_KEYS = (SKIPPED_LOG_KEY, NEGATIVE_LOG_KEY)
+    QUIET_KEYS = (*SKIP_LOG_KEYS, NEGATIVE_LOG_KEY, BOUNDED_LOG_KEY)
 
     def _shown(self, logs: Any) -> Any:
         if not isinstance(logs, dict):

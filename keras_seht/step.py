@@ -13,23 +13,33 @@ with :math:`R_j` each penalty's value and :math:`\phi_j` its
    (the estimator's probes) and records what it needs.
 2. **Values**: the backend runs one training-mode forward pass and gives
    a step context; every penalty computes :math:`s R_j` from it.
-3. **Differentiate**: the backend returns the gradient of
+3. **Differentiate**: the backend returns the gradient :math:`g` of
    :math:`s L + \sum_j \text{strength}_j \phi_j(s R_j)`.
-4. **Guard**: if a value is NaN/Inf the step applies the plain loss
-   gradient instead (under a ``LossScaleOptimizer``: a non-finite gradient,
-   so that the optimizer skips the step and lowers its scale, as for any
-   overflow), and counts the step in ``seht_skipped``.
-5. **Apply** the optimizer, update the loss and penalty trackers and the
+4. **Guard**: if a penalty value is NaN/Inf (counted in ``seht_skipped``)
+   or the update :math:`g` is (a NaN/Inf entry, or a float32 squared norm
+   that overflows; counted in ``seht_update_skipped``), the step applies
+   the plain loss gradient :math:`g_L` instead; if :math:`g_L` is not
+   finite either, no step at all (weights and optimizer state unchanged;
+   counted in ``seht_step_skipped``). Under a ``LossScaleOptimizer`` the
+   fallback is a non-finite gradient instead, so that the optimizer skips
+   the step and lowers its scale, as for any overflow.
+5. **Safeguard** (``compile(seht_safeguard=...)``, `keras_seht.safeguard`):
+   a finite :math:`g` becomes :math:`g_L + c\,(g - g_L)` with
+   :math:`c = \min(1, \rho \lVert g_L \rVert / \lVert g - g_L \rVert)`
+   (exactly :math:`g` where :math:`c = 1`).
+6. **Apply** the optimizer, update the loss and penalty trackers and the
    compiled metrics.
 
 The backends (``keras_seht/backend/<name>.py``) provide a ``StepRun``
 with the primitives: drawing under the backend's state handling, the
-context, "differentiate this objective", the fallback gradients, and
-applying the optimizer (statelessly under JAX). They name no penalty.
+context, "differentiate this objective" (:math:`g`), "the plain loss
+gradient" (:math:`g_L`, reused where the step has it), and "apply or
+skip" the optimizer (statelessly under JAX). They name no penalty.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Protocol, Sequence
 
@@ -63,8 +73,36 @@ class SEHTModel(Protocol):
     def check_trainable_weights(self) -> None:
         """Raises ValueError if nothing is trainable."""
 
-    def update_seht_trackers(self, values: Any, finite: Any) -> None:
-        """Records one step's penalty values and skip count."""
+    @property
+    def seht_safeguard(self) -> Any:
+        """The safeguard of ``compile(seht_safeguard=...)``, or None."""
+
+    def update_seht_trackers(self, values: Any, guard: Guard) -> None:
+        """Records one step's penalty values, skip counts and bound."""
+
+
+@dataclasses.dataclass
+class Guard:
+    """What the guard and the safeguard decided in one step.
+
+    Attributes:
+        finite: Whether every penalty value was finite (a boolean tensor).
+        update_finite: Whether the penalized update :math:`g` was used:
+            `finite`, and :math:`g` has no NaN/Inf entry and a finite
+            float32 squared norm.
+        applied: Whether the optimizer step was applied (False only where
+            the update, the plain loss gradient by then, was not finite);
+            None where it always is (under a ``LossScaleOptimizer``, which
+            skips non-finite steps itself).
+        factor: The safeguard's :math:`c` (None without a safeguard).
+        bound: Whether :math:`c < 1` (None without a safeguard).
+    """
+
+    finite: Any
+    update_finite: Any
+    applied: Any = None
+    factor: Any = None
+    bound: Any = None
 
 
 class StepRun(Protocol):
@@ -97,20 +135,31 @@ class StepRun(Protocol):
         the scaled values (for the logs and the guard).
         """
 
-    def gradients(self, finite: Any, overflow: bool) -> list[Any]:
-        """The update direction: the objective's or the plain loss gradient.
+    def objective_gradients(self, finite: Any) -> list[Any]:
+        """:math:`g`, the gradient of ``s L + objective`` (the update).
 
-        The objective's gradient where `finite`, else the plain loss gradient
-        (NaN-filled if `overflow`).
+        Where `finite` is False (a non-finite penalty value) the backend
+        may skip computing it: any value is then returned (it is not used).
+        """
+
+    def loss_gradients(self, needed: Any = None) -> list[Any]:
+        """:math:`g_L`, the plain gradient of ``s L`` at the weights.
+
+        Reused where the step computed it already; otherwise one plain
+        backward pass (computed only where `needed` is True, zeros
+        elsewhere; None: always). Called before `objective_gradients`
+        when the step needs both.
         """
 
     def apply(
-        self, gradients: list[Any], total: Any, values: list[Any], finite: Any
+        self, gradients: list[Any], total: Any, values: list[Any], guard: Guard
     ) -> Any:
-        """Applies the optimizer and updates the trackers and metrics.
+        """Applies the optimizer (unless ``guard.applied`` is False).
 
-        The trackers with `update_trackers`; returns what Keras' ``train_step``
-        returns on this backend.
+        Also updates the trackers (with `update_trackers`) and the
+        metrics. Where ``guard.applied`` is False the weights and the
+        optimizer's variables are left exactly as they were. Returns what
+        Keras' ``train_step`` returns on this backend.
         """
 
 
@@ -153,6 +202,55 @@ def evaluate(penalties: Sequence[Any], context: StepContext) -> tuple:
 def all_finite(values: Sequence[Any]) -> Any:
     """Whether every value is finite (a boolean tensor)."""
     return ops.all(ops.isfinite(ops.stack(list(values))))
+
+
+def squared_norm(tensors: Sequence[Any]) -> Any:
+    r""":math:`\sum_i \lVert t_i \rVert^2` in float32 (a scalar tensor).
+
+    NaN if an entry is NaN, inf if one is infinite or the sum overflows.
+    """
+    total = None
+    for t in tensors:
+        term = ops.sum(ops.square(ops.cast(t, "float32")))
+        total = term if total is None else total + term
+    return total
+
+
+def entries_finite(tensors: Sequence[Any]) -> Any:
+    """Whether every entry of every tensor is finite (a boolean tensor)."""
+    return ops.all(ops.stack([ops.all(ops.isfinite(t)) for t in tensors]))
+
+
+def bounded_update(
+    safeguard: Any, gradients: Sequence[Any], loss_gradients: Sequence[Any]
+) -> tuple[list[Any], Any, Any]:
+    r""":math:`g_L + c\,(g - g_L)`, the safeguard's update, with c and c < 1.
+
+    :math:`c` comes from ``safeguard.factor(||g_L||, ||g - g_L||)``
+    (`keras_seht.safeguard.GradientBound`); where :math:`c = 1` the update
+    is `gradients` itself, bit for bit (a select, not a product).
+
+    Args:
+        safeguard: The ``compile(seht_safeguard=...)`` object.
+        gradients: :math:`g`, one tensor per trainable variable.
+        loss_gradients: :math:`g_L`, likewise.
+
+    Returns:
+        ``(update, c, c < 1)``.
+    """
+    shares = [
+        g - ops.cast(gl, g.dtype) for g, gl in zip(gradients, loss_gradients)
+    ]
+    loss_norm = ops.sqrt(squared_norm(loss_gradients))
+    share_norm = ops.sqrt(squared_norm(shares))
+    factor, bound = safeguard.factor(loss_norm, share_norm)
+    update = [
+        ops.where(
+            bound, ops.cast(gl, g.dtype) + ops.cast(factor, g.dtype) * p, g
+        )
+        for g, gl, p in zip(gradients, loss_gradients, shares)
+    ]
+    return update, factor, bound
 
 
 def output_shape(model: Any, x: Any) -> tuple[Any, int]:
@@ -206,17 +304,45 @@ def train_step(run: StepRun, model: SEHTModel) -> Any:
     values = [v / scale for v in scaled_values]
     finite = all_finite(values)
     overflow = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-    gradients = run.gradients(finite, overflow)
+    safeguard = model.seht_safeguard
+    if safeguard is not None:  # first: eager torch then keeps its graph
+        loss_gradients = run.loss_gradients()
+    gradients = run.objective_gradients(finite)
+    update_finite = ops.logical_and(
+        finite, ops.isfinite(squared_norm(gradients))
+    )
+    guard = Guard(finite=finite, update_finite=update_finite)
+    if safeguard is None:
+        update = gradients
+        loss_gradients = run.loss_gradients(ops.logical_not(update_finite))
+    else:
+        update, guard.factor, guard.bound = bounded_update(
+            safeguard, gradients, loss_gradients
+        )
+    if overflow:
+        # A non-finite penalty or update under loss scaling is (almost
+        # always) an overflow of the scaled derivatives: a non-finite
+        # gradient makes the optimizer skip the step and lower the scale.
+        fallback = [ops.full_like(g, float("nan")) for g in gradients]
+    else:
+        fallback = loss_gradients
+    # Select, never multiply: 0 * NaN would still be NaN.
+    update = [
+        ops.where(update_finite, u, ops.cast(f, u.dtype))
+        for u, f in zip(update, fallback)
+    ]
+    if not overflow:
+        guard.applied = entries_finite(update)
     loss = ops.cast(loss, "float32")
     logged = loss
     for penalty, value in zip(penalties, values):
         logged = logged + penalty.loss_term(value)
     total = ops.where(finite, logged, loss)
-    return run.apply(gradients, total, values, finite)
+    return run.apply(update, total, values, guard)
 
 
 def update_trackers(
-    model: SEHTModel, x: Any, total: Any, values: Sequence[Any], finite: Any
+    model: SEHTModel, x: Any, total: Any, values: Sequence[Any], guard: Guard
 ) -> None:
     """Updates the ``loss`` tracker and the penalty trackers.
 
@@ -224,4 +350,4 @@ def update_trackers(
     inside whatever state scope the backend runs them in.
     """
     compat.loss_tracker(model).update_state(total, sample_weight=batch_size(x))
-    model.update_seht_trackers(values, finite)
+    model.update_seht_trackers(values, guard)

@@ -668,6 +668,8 @@ def test_all_names_exist():
         assert name in keras_seht.__all__
     for name in ["hessian_trace", "exact_hessian_trace", "regularizers"]:
         assert name in keras_seht.__all__
+    assert "GradientBound" in keras_seht.__all__
+    assert keras_seht.GradientBound is keras_seht.safeguard.GradientBound
 
 
 def test_version_matches_pyproject():

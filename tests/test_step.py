@@ -9,7 +9,11 @@ Each defect test failed before its fix:
 * the Gauss-Newton estimator on a multi-output model under JAX (it raised
   ``TypeError`` inside the compiled step and lost the in-memory model);
 * an epoch whose steps were all skipped logs NaN (it logged 0.0), and the
-  warning tells a non-finite loss from a non-finite penalty.
+  warning tells a non-finite loss from a non-finite penalty;
+* a step whose plain loss gradient is NaN/Inf too is not applied at all
+  (it applied the NaN gradient, and the weights became NaN).
+
+The guard's other cases and the safeguard: ``tests/test_safeguard.py``.
 """
 
 from __future__ import annotations
@@ -178,6 +182,8 @@ def _nan_probe_run(x, y):
             x, y, batch_size=8, epochs=1, shuffle=False, verbose=0
         )
     messages = [str(w.message) for w in caught]
+    weights = [keras.ops.convert_to_numpy(w) for w in model.weights]
+    assert all(np.all(np.isfinite(w)) for w in weights)
     return history.history, messages
 
 
@@ -185,16 +191,26 @@ def test_an_epoch_of_skipped_steps_logs_nan():
     x, y = make_data(n=16)
     logs, messages = _nan_probe_run(x, y)
     assert logs["seht_skipped"] == [2.0]
+    assert logs["seht_update_skipped"] == [0.0]
+    assert logs["seht_step_skipped"] == [0.0]
     assert np.isnan(logs["seht_trace"][0])
     assert np.isfinite(logs["loss"][0])
     (message,) = [m for m in messages if "was NaN/Inf" in m]
-    assert "used the plain loss gradient" in message
+    assert "applied the plain loss gradient" in message
+    assert "`seht_skipped`" in message
 
 
 def test_skip_warning_says_when_the_loss_was_not_finite():
+    """The first batch has a NaN input: its loss gradient is NaN too, so
+    that step is not applied (the weights stay finite) and a second
+    warning names the reason; the second batch applies the plain loss
+    gradient."""
     x, y = make_data(n=16)
     x[0, 0] = np.nan
     logs, messages = _nan_probe_run(x, y)
     assert not np.isfinite(logs["loss"][0])
-    (message,) = [m for m in messages if "was NaN/Inf" in m]
-    assert "the loss itself was NaN/Inf" in message
+    assert logs["seht_skipped"] == [2.0]
+    assert logs["seht_step_skipped"] == [1.0]
+    (message,) = [m for m in messages if "seht_step_skipped" in m]
+    assert "loss gradient was NaN/Inf too" in message
+    assert "not applied" in message

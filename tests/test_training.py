@@ -327,6 +327,8 @@ def test_fit_with_validation_callbacks_and_metrics():
         "seht_trace",
         "seht_negative_fraction",
         "seht_skipped",
+        "seht_update_skipped",
+        "seht_step_skipped",
     }
     val_keys = {"val_loss", "val_accuracy"}
     assert set(history) == train_keys | val_keys

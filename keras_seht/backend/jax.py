@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import keras
 
 from keras_seht import _keras_compat as compat
-from keras_seht import functional, step
+from keras_seht import functional, output_split, step
 from keras_seht.context import StepPlan
 from keras_seht.penalties import flatten_outputs, float_inputs
 
@@ -193,7 +193,7 @@ def gauss_newton_estimate(
     fn: Callable[[list[Any]], tuple[Any, Any]],
     trainable_values: list[Any],
     probes: list[Any],
-    output_loss: Callable[[Any], Any],
+    output_loss: Callable[[Any, Any], Any],
 ) -> tuple[jax.Array, tuple[Any, Any]]:
     """mean_k u_k^T H_z u_k with u_k = J sigma_k, and f(w) as a by-product.
 
@@ -202,7 +202,8 @@ def gauss_newton_estimate(
             ``extra[0][1]`` (the aux of ``compute_loss_and_updates``).
         trainable_values: The point ``w``.
         probes: One array per variable, each with a leading probe axis.
-        output_loss: ``z -> loss`` as a function of the model outputs.
+        output_loss: ``(z, reference) -> loss`` as a function of the model
+            outputs z, around the outputs `reference` (held constant in z).
 
     Returns:
         ``t`` (differentiable in ``w``) and ``(f(w), extra)``.
@@ -210,7 +211,8 @@ def gauss_newton_estimate(
     u = J sigma is one forward-mode pass (``jax.jvp``) through the same
     forward computation as the loss, vmapped over the probes (the primal
     pass is shared); H_z u is a forward-over-reverse product of
-    `output_loss` in output space.
+    `output_loss` in output space, around the outputs themselves (so that
+    H_z stays differentiable in w; see `keras_seht.output_split`).
     """
 
     def primal(w: list[Any]) -> tuple[Any, Any]:
@@ -226,7 +228,7 @@ def gauss_newton_estimate(
     (value, y_pred), extra, u = jax.vmap(jvp_one, out_axes=(None, None, 0))(
         probes
     )
-    grad_z = jax.grad(output_loss)
+    grad_z = jax.grad(lambda z: output_loss(z, y_pred))
 
     def quadratic(du: Any) -> jax.Array:
         h_u = jax.jvp(grad_z, (y_pred,), (du,))[1]
@@ -449,10 +451,12 @@ class StepRun:
         products = [vjp_fn(jnp.asarray(v, z.dtype))[0] for v in cotangents]
         return scaled_loss, (aux, products)
 
-    def output_loss(self, z: Any) -> Any:
-        """The compiled loss of the outputs z (scaled like f).
+    def output_loss(self, z: Any, reference: Any) -> Any:
+        """The Gauss-Newton output loss of the outputs z (scaled like f).
 
-        Its metric trackers' updates are discarded.
+        `output_split.gauss_newton_loss` around the outputs `reference`:
+        the compiled loss, split at the logits for softmax/sigmoid
+        cross-entropy outputs. Its metric trackers' updates are discarded.
 
         The scope maps the metric variables to the step's values: inside
         Keras' compiled JAX step the variables hold no value of their own
@@ -460,8 +464,8 @@ class StepRun:
         """
         mapping = list(zip(self.model.metrics_variables, self.metrics_values))
         with keras.StatelessScope(state_mapping=mapping):
-            loss = compat.compiled_loss(
-                self.model, self.y, z, self.sample_weight
+            loss = output_split.gauss_newton_loss(
+                self.model, self.y, z, self.sample_weight, reference
             )
         return loss * self.scale
 
@@ -511,11 +515,11 @@ class StepRun:
         def objective(w: list[Any]) -> tuple[Any, Any]:
             context = _Context(self, plan, w)
             values, penalty = evaluate(context)
-            return (context.scaled_loss, penalty), (
-                values,
-                context._grads,
-                context.aux,
-            )
+            # The loss gradient where the context computed it anyway.
+            known = context._grads
+            if known is None:
+                known = context._first_order
+            return (context.scaled_loss, penalty), (values, known, context.aux)
 
         # One forward (and its tapes) and one cotangent (1, 1): the
         # objective's gradient.
@@ -528,43 +532,61 @@ class StepRun:
         self._aux = aux
         return aux[0], values
 
-    def gradients(self, finite: Any, overflow: bool) -> list[Any]:
-        """The update direction; see `StepRun.gradients`."""
-        total = self._total_grads
-        if overflow:
-            # A non-finite t under loss scaling is (almost always) an
-            # overflow of the scaled HVP: a non-finite gradient makes the
-            # optimizer skip the update and lower the scale.
-            fallback = [jnp.full_like(g, jnp.nan) for g in total]
-        elif self._loss_grads is not None:
-            fallback = self._loss_grads
-        else:
-            # Computed (inside the cond) only when needed. Not as
-            # vjp_fn((1, 0)): a zero cotangent times a non-finite tangent
-            # of the forward-over-forward pass would still be NaN.
-            def plain() -> list[Any]:
-                return jax.grad(lambda v: self.loss_fn(v, self.leaves)[0])(
-                    self.trainable_values
-                )
+    def objective_gradients(self, finite: Any) -> list[Any]:
+        """The objective's gradient g; see `StepRun.objective_gradients`."""
+        return self._total_grads
 
-            fallback = jax.lax.cond(
-                finite, lambda: [jnp.zeros_like(g) for g in total], plain
+    def loss_gradients(self, needed: Any = None) -> list[Any]:
+        """The plain loss gradient g_L; see `StepRun.loss_gradients`.
+
+        The one the step computed where it has it; else a plain backward
+        pass, inside a ``jax.lax.cond`` when it is only `needed` sometimes.
+        Not as ``vjp_fn((1, 0))``: a zero cotangent times a non-finite
+        tangent of the forward-over-forward pass would still be NaN.
+        """
+        if self._loss_grads is not None:
+            return list(self._loss_grads)
+
+        def plain() -> list[Any]:
+            return jax.grad(lambda v: self.loss_fn(v, self.leaves)[0])(
+                self.trainable_values
             )
-        # Select, never multiply: 0 * NaN would still be NaN.
-        return [jnp.where(finite, t, f) for t, f in zip(total, fallback)]
+
+        if needed is None:
+            return plain()
+        zeros = [jnp.zeros_like(g) for g in self._total_grads]
+        return jax.lax.cond(needed, plain, lambda: zeros)
 
     def apply(
-        self, gradients: list[Any], total: Any, values: list[Any], finite: Any
+        self,
+        gradients: list[Any],
+        total: Any,
+        values: list[Any],
+        guard: step.Guard,
     ) -> tuple[Any, State]:
-        """Applies the optimizer, trackers and metrics; see `StepRun.apply`."""
+        """Applies the optimizer, trackers and metrics; see `StepRun.apply`.
+
+        A step that is not applied selects the old trainable and optimizer
+        values (what ``LossScaleOptimizer`` does for a non-finite step).
+        """
         model = self.model
         _, y_pred, non_trainable_values, metrics_values = self._aux
         trainable_values, optimizer_values = model.optimizer.stateless_apply(
             self.optimizer_values, gradients, self.trainable_values
         )
+        if guard.applied is not None:
+            applied = guard.applied
+            trainable_values = [
+                jnp.where(applied, new, old)
+                for new, old in zip(trainable_values, self.trainable_values)
+            ]
+            optimizer_values = [
+                jnp.where(applied, new, old)
+                for new, old in zip(optimizer_values, self.optimizer_values)
+            ]
         mapping = list(zip(model.metrics_variables, metrics_values))
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            step.update_trackers(model, self.x, total, values, finite)
+            step.update_trackers(model, self.x, total, values, guard)
             logs = model.compute_metrics(
                 self.x, self.y, y_pred, self.sample_weight
             )
@@ -646,8 +668,8 @@ class _CurvatureFunctions:
                 offset += leaf.size
             packed = jax.tree.unflatten(jax.tree.structure(y_pred), pieces)
             with keras.StatelessScope():
-                return compat.compiled_loss(
-                    model_ref(), batch[1], packed, batch[2]
+                return output_split.gauss_newton_loss(
+                    model_ref(), batch[1], packed, batch[2], y_pred
                 )
 
         grad_fn = jax.grad(loss_fn)
@@ -793,7 +815,10 @@ class CurvatureProducts:
     - ``vjp(u)`` :math:`= J^\top u`; ``vjp_rows(U)`` for each row of a
       (k, M) ``U``, flat (k, n);
     - ``output_hvp(u)`` :math:`= \nabla_z^2 \ell\,u` at :math:`z(w)`;
-      ``output_hvp_rows(U)`` for each row of a (k, M) ``U``.
+      ``output_hvp_rows(U)`` for each row of a (k, M) ``U``. Softmax and
+      sigmoid outputs with a probability cross-entropy are split at the
+      logits (`keras_seht.output_split`): there :math:`\ell` is the
+      surrogate whose Hessian gives the canonical Gauss-Newton matrix.
 
     The functions are jit-compiled once per model, mode and input
     signature (`_curvature_functions`), not once per object.

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import keras
 
 from keras_seht import _keras_compat as compat
-from keras_seht import functional, step
+from keras_seht import functional, output_split, step
 from keras_seht.context import StepPlan
 from keras_seht.penalties import flatten_outputs, float_inputs
 
@@ -112,8 +112,12 @@ def _gauss_newton_estimate(
     `inner` (persistent) recorded the forward pass. u = J sigma comes from
     the "double-vjp" trick: J^T v = ``inner.gradient(z, w, v)`` is linear
     in a watched dummy v, and its derivative along sigma is J sigma. H_z u
-    is the derivative of the compiled loss's output gradient along u,
-    taken at a copy of the outputs so that only the loss is differentiated.
+    is the derivative of the Gauss-Newton output loss's gradient
+    (`output_split.gauss_newton_loss`: the compiled loss, split at the
+    logits for softmax/sigmoid cross-entropy outputs) along u, taken at a
+    copy of the outputs so that only the loss is differentiated; its
+    reference point is the outputs themselves (unwatched by the inner
+    tapes), so H_z stays differentiable in w.
     """
     import tensorflow as tf
 
@@ -136,7 +140,9 @@ def _gauss_newton_estimate(
         with tf.GradientTape(watch_accessed_variables=False) as first:
             first.watch(copies)
             packed = keras.tree.pack_sequence_as(y_pred, copies)
-            output_loss = compat.compiled_loss(model, y, packed, sample_weight)
+            output_loss = output_split.gauss_newton_loss(
+                model, y, packed, sample_weight, reference=y_pred
+            )
             output_loss = tf.cast(output_loss, scale.dtype) * scale
         output_grads = _gradient(first, output_loss, copies)
         along = [_dot(output_grads, u) for u in us]
@@ -357,43 +363,53 @@ class StepRun:
         del self.middle, self.inputs, self.inner
         return loss, values
 
-    def gradients(self, finite: Any, overflow: bool) -> list[Any]:
-        """The update direction; see `StepRun.gradients`."""
+    def objective_gradients(self, finite: Any) -> list[Any]:
+        """The objective's gradient g; see `StepRun.objective_gradients`.
+
+        The loss's own gradient g_L plus the penalties', unless a penalty
+        replaces it (its objective then holds the loss as a constant).
+        """
         import tensorflow as tf
 
-        if overflow:
-            # A non-finite t under loss scaling is (almost always) an
-            # overflow of the scaled HVP: a non-finite gradient makes the
-            # optimizer skip the update and lower the scale.
-            fallback = [
-                tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype))
-                for g in self.grads
-            ]
-        else:
-            fallback = self.grads
-        # The loss's own gradient g, unless a penalty replaces it (its
-        # objective then holds the loss as a constant).
-        total = [
+        return [
             tf.cast(gp, g.dtype)
             if self.constant_loss
             else g + tf.cast(gp, g.dtype)
             for g, gp in zip(self.grads, self.grad_penalty)
         ]
-        # tf.where, not a multiplication by 0: NaN * 0 is NaN.
-        return [tf.where(finite, t, f) for t, f in zip(total, fallback)]
+
+    def loss_gradients(self, needed: Any = None) -> list[Any]:
+        """The plain loss gradient g_L (the inner tape's, always at hand)."""
+        return list(self.grads)
 
     def apply(
-        self, gradients: list[Any], total: Any, values: list[Any], finite: Any
+        self,
+        gradients: list[Any],
+        total: Any,
+        values: list[Any],
+        guard: step.Guard,
     ) -> Any:
-        """Applies the optimizer, trackers and metrics; see `StepRun.apply`."""
+        """Applies the optimizer, trackers and metrics; see `StepRun.apply`.
+
+        A step that is not applied is skipped inside a conditional (as
+        ``LossScaleOptimizer`` skips a non-finite step).
+        """
         step.update_trackers(
             self.model,
             self.x,
             _unscale_for_distribution(total),
             [_unscale_for_distribution(v) for v in values],
-            finite,
+            guard,
         )
-        self.model.optimizer.apply(gradients, self.trainable)
+        optimizer = self.model.optimizer
+        if guard.applied is None:
+            optimizer.apply(gradients, self.trainable)
+        else:
+            keras.ops.cond(
+                guard.applied,
+                lambda: optimizer.apply(gradients, self.trainable),
+                lambda: None,
+            )
         return self.model.compute_metrics(
             self.x, self.y, self.y_pred, sample_weight=self.sample_weight
         )
@@ -427,7 +443,10 @@ class CurvatureProducts:
     - ``vjp(u)`` :math:`= J^\top u`; ``vjp_rows(U)`` for each row of a
       (k, M) ``U``, flat (k, n), vectorized;
     - ``output_hvp(u)`` :math:`= \nabla_z^2 \ell\,u` at :math:`z(w)`;
-      ``output_hvp_rows(U)`` for each row of a (k, M) ``U``.
+      ``output_hvp_rows(U)`` for each row of a (k, M) ``U``. Softmax and
+      sigmoid outputs with a probability cross-entropy are split at the
+      logits (`keras_seht.output_split`): there :math:`\ell` is the
+      surrogate whose Hessian gives the canonical Gauss-Newton matrix.
     """
 
     def __init__(
@@ -571,8 +590,11 @@ class CurvatureProducts:
                     pieces.append(tf.reshape(piece, leaf.shape))
                     offset += size
                 packed = keras.tree.pack_sequence_as(self._y_pred, pieces)
-                loss = compat.compiled_loss(
-                    self._model, y, packed, sample_weight
+                reference = keras.tree.map_structure(
+                    tf.stop_gradient, self._y_pred
+                )
+                loss = output_split.gauss_newton_loss(
+                    self._model, y, packed, sample_weight, reference
                 )
             grad = inner.gradient(loss, z)
         return tf.vectorized_map(

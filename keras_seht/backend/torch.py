@@ -26,7 +26,7 @@ import keras
 import torch
 
 from keras_seht import _keras_compat as compat
-from keras_seht import functional, step
+from keras_seht import functional, output_split, step
 from keras_seht.context import StepPlan
 from keras_seht.penalties import flatten_outputs, float_inputs
 
@@ -117,16 +117,23 @@ def gauss_newton_estimate(
     u = J sigma comes from two reverse passes (the "double-vjp" trick):
     J^T v for a dummy cotangent v, built with ``create_graph``, is linear
     in v, so its derivative with respect to v along sigma is J sigma.
-    H_z u is the derivative of the compiled loss's output gradient along
-    u, taken at a copy of the outputs so that only the loss (not u, which
-    reaches the outputs through saved activations) is differentiated.
+    H_z u is the derivative of the Gauss-Newton output loss's gradient
+    (`output_split.gauss_newton_loss`: the compiled loss, split at the
+    logits for softmax/sigmoid cross-entropy outputs) along u, taken at a
+    copy of the outputs so that only the loss (not u, which reaches the
+    outputs through saved activations) is differentiated. Its reference
+    point is the outputs themselves, so H_z stays differentiable in w.
     """
     outputs = keras.tree.flatten(y_pred)
     dummies = [torch.zeros_like(z, requires_grad=True) for z in outputs]
     jacobian_t_v = _grad(_dot(dummies, outputs), params, create_graph=True)
     copies = [z.clone() for z in outputs]
-    output_loss = compat.compiled_loss(
-        model, y, keras.tree.pack_sequence_as(y_pred, copies), sample_weight
+    output_loss = output_split.gauss_newton_loss(
+        model,
+        y,
+        keras.tree.pack_sequence_as(y_pred, copies),
+        sample_weight,
+        reference=y_pred,
     )
     output_grads = _grad(output_loss * scale, copies, create_graph=True)
     values = []
@@ -415,18 +422,39 @@ class StepRun:
         self.x = self._context.x
         return self._context.loss.detach(), [v.detach() for v in values]
 
-    def gradients(self, finite: Any, overflow: bool) -> list[torch.Tensor]:
-        """The update direction; see `StepRun.gradients`."""
+    def objective_gradients(self, finite: Any) -> list[torch.Tensor]:
+        """The objective's gradient g; see `StepRun.objective_gradients`.
+
+        Not computed (NaN) where `finite` is False. Its backward frees the
+        forward graph.
+        """
         context = self._context
         assert context is not None  # differentiate ran
+        if not bool(finite):
+            return [torch.full_like(p, float("nan")) for p in self.params]
+        objective = context.scaled_loss + self._objective
+        grads = _grad(objective, self.params, False, retain_graph=False)
+        context._graph_freed = True
+        return grads
+
+    def loss_gradients(self, needed: Any = None) -> list[torch.Tensor]:
+        """The plain loss gradient g_L; see `StepRun.loss_gradients`.
+
+        The context's own where it has it (the graph-connected gradient
+        of every variable, or the first-order one); else a backward of the
+        step's forward graph (kept for the objective's backward), or, with
+        no graph left, of a stateless forward pass.
+        """
         params = self.params
-        if bool(finite):
-            objective = context.scaled_loss + self._objective
-            return _grad(objective, params, False, retain_graph=False)
-        if overflow:
-            # An overflow of the scaled HVP: a non-finite gradient makes the
-            # optimizer skip the step and lower its scale.
-            return [torch.full_like(p, float("nan")) for p in params]
+        if needed is not None and not bool(needed):
+            return [torch.zeros_like(p) for p in params]
+        context = self._context
+        assert context is not None
+        everything = tuple(range(len(params)))
+        if everything in context._gradients:
+            return [g.detach() for g in context._gradients[everything]]
+        if context._first_order is not None:
+            return context._first_order
         loss = context.live_loss
         if not loss.requires_grad or context._graph_freed:  # no graph left
             nt = [v.value for v in self.model.non_trainable_variables]
@@ -442,21 +470,23 @@ class StepRun:
                     True,
                 )[0]
             )
-        return _grad(loss, params, False, retain_graph=False)
+            return _grad(loss, params, False, retain_graph=False)
+        return [g.detach() for g in _grad(loss, params, False)]
 
     def apply(
         self,
         gradients: list[torch.Tensor],
         total: Any,
         values: list[Any],
-        finite: Any,
+        guard: step.Guard,
     ) -> Any:
         """Applies the optimizer, trackers and metrics; see `StepRun.apply`."""
         context = self._context
         assert context is not None
-        step.update_trackers(self.model, self.x, total, values, finite)
-        with torch.no_grad():
-            self.model.optimizer.apply(gradients, self.trainable)
+        step.update_trackers(self.model, self.x, total, values, guard)
+        if guard.applied is None or bool(guard.applied):
+            with torch.no_grad():
+                self.model.optimizer.apply(gradients, self.trainable)
         self._context = self._objective = None
         return self.model.compute_metrics(
             self.x, self.y, context.outputs, sample_weight=self.sample_weight
@@ -496,7 +526,10 @@ class CurvatureProducts:
     - ``vjp(u)`` :math:`= J^\top u`; ``vjp_rows(U)`` for each row of
       a (k, M) ``U``, flat (k, n);
     - ``output_hvp(u)`` :math:`= \nabla_z^2 \ell\,u` at :math:`z(w)`;
-      ``output_hvp_rows(U)`` for each row of a (k, M) ``U``.
+      ``output_hvp_rows(U)`` for each row of a (k, M) ``U``. Softmax and
+      sigmoid outputs with a probability cross-entropy are split at the
+      logits (`keras_seht.output_split`): there :math:`\ell` is the
+      surrogate whose Hessian gives the canonical Gauss-Newton matrix.
 
     Weight-space vectors are lists of tensors, one per trainable
     variable; batched ones, and output-space ones, flat tensors.
@@ -603,8 +636,11 @@ class CurvatureProducts:
                     pieces[-1] = pieces[-1].view_as(leaf)
                     offset += leaf.numel()
                 packed = keras.tree.pack_sequence_as(self._y_pred, pieces)
-                loss = compat.compiled_loss(
-                    self._model, self._y, packed, self._sample_weight
+                reference = keras.tree.map_structure(
+                    lambda t: t.detach(), self._y_pred
+                )
+                loss = output_split.gauss_newton_loss(
+                    self._model, self._y, packed, self._sample_weight, reference
                 )
                 (self._output_grad,) = _grad(loss, [z], True)
             self._z = z
