@@ -1,6 +1,7 @@
 # keras-seht developer commands. Each target sets up .venv itself.
 #
-#   make demo    SEHT vs plain Keras on scikit-learn digits (about a minute)
+#   make demo    SEHT strength sweep vs plain Keras on scikit-learn digits
+#                (38 runs; 16 min measured on one busy shared core)
 #   make test    ruff and mypy, the doctests, the docs, the wheel check, then
 #                the test suite once per Keras backend
 #   make docs    build the documentation site into site/ (mkdocs --strict)
@@ -26,8 +27,8 @@ DOCTEST_BACKEND ?= torch
 # unquoted, the shell reads `>=2.16` as a redirection to a file `=2.16`.
 DEV_PINS := torch==2.13.0 'tensorflow-cpu>=2.16'
 
-.PHONY: venv demo test test-all lint doctest docs wheel-check keras-suite \
-	format clean
+.PHONY: venv demo readme test test-all lint doctest docs wheel-check \
+	keras-suite format clean
 
 venv: $(VENV)/.installed
 
@@ -41,6 +42,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: venv
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
 		$(BIN)/python -m keras_seht.experiments.demo $(DEMO_ARGS)
+
+# README.md's generated blocks (the demo's table between its markers) and
+# their images, from the committed files in benchmarks/results/
+# (scripts/readme_tables.py; `--check` is what tests/test_readme_tables.py
+# runs). The demo's file: OMP_NUM_THREADS=1 KERAS_BACKEND=torch make demo,
+# then copy demo_output/results.json to benchmarks/results/demo_torch.json.
+readme: venv
+	$(BIN)/python scripts/readme_tables.py
 
 lint: venv
 	$(BIN)/ruff check .

@@ -223,7 +223,7 @@ def test_demo_quick_runs_through_the_console(tmp_path, capsys):
     assert out.startswith(
         f"keras-seht demo: backend={keras.config.backend()}, models=mlp"
     )
-    assert "| model | method | test acc |" in out
+    assert "| model | strength |" in out
     results = json.loads((out_dir / "results.json").read_text("utf-8"))
     assert results["config"]["quick"] is True
     assert [run["method"] for run in results["runs"]] == [

@@ -1,7 +1,9 @@
 """The demo (``python -m keras_seht.experiments.demo``) and the digits data.
 
 The demo runs in-process in ``--quick`` mode on the MLP only (seconds);
-the full command-line run over both models is marked slow. The demo is
+the command-line run over both models is marked slow, and so is the full
+demo (tests/test_readme_tables.py reruns it against the committed
+results file that README.md's table is generated from). The demo is
 glue over the train step that tests/test_training.py checks on every
 backend, so the default run tests it under one backend only
 (``single_backend``, conftest: 7 s on torch, 30-80 s on TensorFlow and
@@ -27,21 +29,21 @@ from keras_seht.experiments import demo
 pytestmark = pytest.mark.single_backend
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-METHODS = [
-    "baseline",
-    "SEHT-D(p=0.01)",
-    "SEHT-D(p=0.05)",
-    "SEHT-H(max_iter=1)",
-]
+METHODS = ["baseline", "SEHT-D(p=0.05)", "SEHT-H(max_iter=1)"]
+ESTIMATORS = {
+    "SEHT-D(p=0.05)": lambda s: keras_seht.SEHTD(p=0.05, strength=s),
+    "SEHT-H(max_iter=1)": lambda s: keras_seht.SEHTH(max_iter=1, strength=s),
+}
 HEADER = (
-    "| model | method | test acc | best acc | exact tr(H) | tr / base "
-    "| train s | time / base |"
+    "| model | strength | SEHT-D(p=0.05) tr / base | SEHT-D(p=0.05) acc "
+    "| SEHT-H(max_iter=1) tr / base | SEHT-H(max_iter=1) acc |"
 )
 NUMBERS = [
     "test_accuracy",
     "best_test_accuracy",
     "test_loss",
     "exact_trace",
+    "exact_trace_test",
     "train_seconds",
     "fit_seconds",
     "exact_trace_seconds",
@@ -60,32 +62,46 @@ def _check_png(path) -> None:
     assert width > 100 and height > 100
 
 
-def _check_results(results, models, epochs, strength):
+def _expected_runs(models, strengths, seeds):
+    """(model, method, strength, seed) of every run, in the demo's order."""
+    return [
+        row
+        for model in models
+        for row in [(model, "baseline", None, seed) for seed in seeds]
+        + [
+            (model, method, strength, seeds[0])
+            for method in METHODS[1:]
+            for strength in strengths
+        ]
+    ]
+
+
+def _check_results(results, models, epochs, strengths, seeds=(0,)):
     assert results["backend"] == keras.config.backend()
     assert results["config"]["models"] == models
+    assert results["config"]["strengths"] == strengths
+    assert results["config"]["baseline_seeds"] == len(seeds)
     assert results["versions"]["keras_seht"] == (keras_seht.__version__)
     assert math.isfinite(results["total_seconds"])
     runs = results["runs"]
-    assert [(r["model"], r["method"]) for r in runs] == [
-        (model, method) for model in models for method in METHODS
-    ]
-    expected = {
-        "baseline": None,
-        "SEHT-D(p=0.01)": keras_seht.SEHTD(p=0.01, strength=strength),
-        "SEHT-D(p=0.05)": keras_seht.SEHTD(p=0.05, strength=strength),
-        "SEHT-H(max_iter=1)": keras_seht.SEHTH(max_iter=1, strength=strength),
-    }
+    assert [
+        (r["model"], r["method"], r["strength"], r["seed"]) for r in runs
+    ] == _expected_runs(models, strengths, list(seeds))
     for run in runs:
-        name = f"{run['model']} / {run['method']}"
+        name = f"{run['model']} / {run['method']} / {run['strength']}"
         for key in NUMBERS:
             assert isinstance(run[key], float), (name, key)
             assert math.isfinite(run[key]), (name, key, run[key])
         assert 0.0 <= run["test_accuracy"] <= run["best_test_accuracy"] <= 1
-        assert run["train_seconds"] > 0 and run["exact_trace"] >= 0
-        estimator = expected[run["method"]]
-        if estimator is None:
-            assert run["estimator"] is None and run["time_ratio"] == 1.0
+        assert run["train_seconds"] > 0
+        assert run["exact_trace"] >= 0 and run["exact_trace_test"] >= 0
+        if run["method"] == "baseline":
+            estimator = None
+            assert run["estimator"] is None
+            if run["seed"] == seeds[0]:
+                assert run["time_ratio"] == 1.0
         else:
+            estimator = ESTIMATORS[run["method"]](run["strength"])
             assert run["estimator_class"] == type(estimator).__name__
             rebuilt = type(estimator).from_config(run["estimator"])
             assert rebuilt == estimator, name
@@ -98,10 +114,12 @@ def _check_results(results, models, epochs, strength):
             assert history["seht_skipped"] == [0.0] * epochs, name
 
 
-def test_demo_quick_mlp(tmp_path, capsys):
+def test_demo_quick_mlp_sweep(tmp_path, capsys):
+    """Two strengths and two baseline seeds, MLP only (~10 s on torch)."""
     out = tmp_path / "out"
     results = demo.main(
         ["--quick", "--models", "mlp", "--output-dir", str(out)]
+        + ["--strengths", "0.1,0.01,0.1", "--baseline-seeds", "2"]
     )
     printed = capsys.readouterr().out
 
@@ -109,9 +127,7 @@ def test_demo_quick_mlp(tmp_path, capsys):
     assert json_path.is_file()
     written = json.loads(json_path.read_text(encoding="utf-8"))
     assert written == json.loads(json.dumps(results))
-    _check_results(
-        written, ["mlp"], demo.QUICK["epochs"], demo.DEFAULT_STRENGTH
-    )
+    _check_results(written, ["mlp"], demo.QUICK["epochs"], [0.01, 0.1], (0, 1))
     config = written["config"]
     assert config["quick"] is True
     assert config["train_size"] == demo.QUICK["train_samples"]
@@ -120,14 +136,39 @@ def test_demo_quick_mlp(tmp_path, capsys):
     assert all(r["trainable_weights"] == 3466 for r in written["runs"])
     _check_png(out / "curves.png")
     # No temporary files of the atomic writes are left behind.
-    assert sorted(os.listdir(out)) == ["curves.png", "results.json"]
+    assert sorted(os.listdir(out)) == [
+        "curves.png",
+        "results.json",
+        "table.md",
+    ]
+    table = demo.format_table(written)
+    assert (out / "table.md").read_text(encoding="utf-8") == table + "\n"
+    assert table in printed
 
     lines = printed.splitlines()
     assert lines[0].startswith("keras-seht demo: backend=")
+    assert "strengths=0.01,0.1," in lines[0]
     assert HEADER in lines
-    rows = [ln for ln in lines if ln.startswith("| mlp |")]
-    assert [row.split(" | ")[1] for row in rows] == METHODS
+    rows = [ln.split(" | ")[1] for ln in lines if ln.startswith("| mlp |")]
+    assert rows == [
+        "0 (plain Keras)",
+        "0 (plain Keras, seeds 1)",
+        "0.01",
+        "0.1",
+    ]
     assert f"Wrote {json_path}" in printed
+
+
+def test_demo_quick_is_deterministic(tmp_path):
+    """Same seed, same backend: the same numbers, to the last bit."""
+    argv = ["--quick", "--models", "mlp", "--epochs", "1"]
+    first = demo.main(argv + ["--output-dir", str(tmp_path / "a")])
+    second = demo.main(argv + ["--output-dir", str(tmp_path / "b")])
+    keys = ["test_accuracy", "best_test_accuracy", "test_loss"]
+    keys += ["exact_trace", "exact_trace_test", "history"]
+    for a, b in zip(first["runs"], second["runs"], strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    assert demo.format_table(first) == demo.format_table(second)
 
 
 @pytest.mark.slow
@@ -155,7 +196,10 @@ def test_demo_command_line_quick(tmp_path):
     assert HEADER in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text("utf-8"))
     _check_results(
-        results, ["mlp", "cnn"], demo.QUICK["epochs"], demo.DEFAULT_STRENGTH
+        results,
+        ["mlp", "cnn"],
+        demo.QUICK["epochs"],
+        list(demo.QUICK["strengths"]),
     )
     _check_png(tmp_path / "curves.png")
 
@@ -166,8 +210,12 @@ def test_demo_command_line_quick(tmp_path):
         (["--models", "resnet"], "--models must be a comma-separated list"),
         (["--models", ""], "--models must be a comma-separated list"),
         (["--epochs", "0"], "must be >= 1"),
-        (["--strength", "-1"], "must be >= 0"),
-        (["--strength", "nan"], "must be >= 0"),
+        (["--baseline-seeds", "0"], "must be >= 1"),
+        (["--strengths", "0"], "numbers > 0; got '0'"),
+        (["--strengths", "0.1,-1"], "numbers > 0; got '0.1,-1'"),
+        (["--strength", "nan"], "numbers > 0; got 'nan'"),
+        (["--strengths", "0.1,"], "numbers > 0; got '0.1,'"),
+        (["--strengths", "x"], "numbers > 0; got 'x'"),
     ],
 )
 def test_demo_rejects_bad_arguments(argv, message, capsys):
@@ -178,41 +226,84 @@ def test_demo_rejects_bad_arguments(argv, message, capsys):
 
 
 def test_demo_parser_defaults():
-    args = demo.make_parser().parse_args(["--models", "cnn,mlp,cnn"])
+    parser = demo.make_parser()
+    args = parser.parse_args(["--models", "cnn,mlp,cnn"])
     assert args.models == ["cnn", "mlp"]
-    assert args.strength == demo.DEFAULT_STRENGTH
+    assert args.strengths is None  # main() fills DEFAULT_STRENGTHS in
+    assert args.baseline_seeds is None
     assert not args.quick
+    # --strength, the option of the single-strength demo, still works.
+    assert parser.parse_args(["--strength", "0.05"]).strengths == [0.05]
+    assert parser.parse_args(["--strengths", "0.3,1e-3"]).strengths == [
+        0.001,
+        0.3,
+    ]
+    assert list(demo.DEFAULT_STRENGTHS) == sorted(demo.DEFAULT_STRENGTHS)
+
+
+def _run(model, method, trace, strength=None, seed=0, accuracy=0.5):
+    return {
+        "model": model,
+        "method": method,
+        "strength": strength,
+        "seed": seed,
+        "estimator": None if strength is None else {},
+        "test_accuracy": accuracy,
+        "best_test_accuracy": 0.75,
+        "exact_trace_test": trace,
+    }
 
 
 def test_format_table():
-    def run(model, method, trace, estimator=True):
-        return {
-            "model": model,
-            "method": method,
-            "estimator": {} if estimator else None,
-            "test_accuracy": 0.5,
-            "best_test_accuracy": 0.75,
-            "exact_trace": trace,
-            "train_seconds": 2.0,
-            "time_ratio": 1.5,
-        }
-
-    table = demo.format_table(
-        [
-            run("mlp", "baseline", 10.0, estimator=False),
-            run("mlp", "SEHT-H(max_iter=1)", 5.0),
-            run("cnn", "SEHT-D(p=0.01)", 1.0),  # no baseline: no ratios
+    results = {
+        "backend": "torch",
+        "config": {"epochs": 3, "seed": 0, "probe_samples": 32},
+        "runs": [
+            _run("mlp", "baseline", 10.0),
+            _run("mlp", "baseline", 12.5, seed=1, accuracy=0.25),
+            _run("mlp", "SEHT-H(max_iter=1)", 5.0, strength=0.1),
+            _run("mlp", "SEHT-H(max_iter=1)", 20.0, strength=0.003),
+            _run("cnn", "SEHT-H(max_iter=1)", 1.0, strength=0.1),
+            _run("cnn", "SEHT-D(p=0.05)", 2.0, strength=0.01),
         ],
-        probe_samples=32,
-        strength=0.1,
-    )
+    }
+    table = demo.format_table(results)
     lines = table.splitlines()
-    assert "strength=0.1" in lines[0] and "first 32 training" in lines[0]
-    assert HEADER in lines
-    assert "| mlp | SEHT-H(max_iter=1) | 50.0% | 75.0% | 5.000 | 0.50 " in table
-    assert lines[-1] == (
-        "| cnn | SEHT-D(p=0.01) | 50.0% | 75.0% | 1.000 | - | 2.00 | - |"
+    assert "3 epochs, seed 0, backend torch" in lines[0]
+    assert "first 32 held-out test samples" in lines[0]
+    assert lines[1] == ""
+    assert lines[2] == (
+        "| model | strength | SEHT-H(max_iter=1) tr / base "
+        "| SEHT-H(max_iter=1) acc | SEHT-D(p=0.05) tr / base "
+        "| SEHT-D(p=0.05) acc |"
     )
+    assert lines[3] == "|---|---:|---:|---:|---:|---:|"
+    assert lines[4:] == [
+        "| mlp | 0 (plain Keras) | tr(H) = 10.00 | 50.0 / 75.0 "
+        "| tr(H) = 10.00 | 50.0 / 75.0 |",
+        "| mlp | 0 (plain Keras, seeds 1) | 1.25 | 25.0 / 75.0 "
+        "| 1.25 | 25.0 / 75.0 |",
+        # Sorted by strength; a method not run at a strength: empty.
+        "| mlp | 0.003 | 2.00 | 50.0 / 75.0 |  |  |",
+        "| mlp | 0.1 | 0.50 | 50.0 / 75.0 |  |  |",
+        # No baseline: no ratios.
+        "| cnn | 0.01 |  |  | - | 50.0 / 75.0 |",
+        "| cnn | 0.1 | - | 50.0 / 75.0 |  |  |",
+    ]
+
+
+def test_plot_sweep(tmp_path):
+    runs = [
+        _run("mlp", "baseline", 10.0),
+        _run("mlp", "baseline", 12.5, seed=1),
+        _run("mlp", "SEHT-H(max_iter=1)", 5.0, strength=0.1),
+        _run("mlp", "SEHT-H(max_iter=1)", 0.0, strength=0.3),
+    ]
+    for run in runs:
+        run["exact_trace"] = run["exact_trace_test"]
+    path = tmp_path / "sweep.png"
+    demo.plot_sweep(str(path), {"config": {"probe_samples": 8}, "runs": runs})
+    _check_png(path)
 
 
 # --------------------------------------------------------------------------
