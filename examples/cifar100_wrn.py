@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 
+from keras_seht import distributed
 from keras_seht.applications import wide_resnet
 from keras_seht.experiments import cifar, cli, recipes
 
@@ -98,4 +99,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    distributed.setup_from_environment()  # torchrun's workers, if any
     cifar.run_script(RECIPE)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 
+from keras_seht import distributed
 from keras_seht.applications import resnet18_cifar
 from keras_seht.experiments import cifar, cli, recipes
 
@@ -83,4 +84,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    distributed.setup_from_environment()  # torchrun's workers, if any
     cifar.run_script(RECIPE)

@@ -22,4 +22,7 @@ __all__ = ["main", "make_parser"]
 if __name__ == "__main__":
     import sys
 
+    from keras_seht import distributed
+
+    distributed.setup_from_environment()  # torchrun's workers, if any
     main(sys.argv[1:])

@@ -23,6 +23,7 @@ from keras_seht import (  # noqa: E402
     applications,
     callbacks,
     data,
+    distributed,
     layers,
     losses,
     metrics,
@@ -62,6 +63,8 @@ __all__ = [
     # Baselines: label smoothing, Cutout, DropBlock
     "layers",
     "losses",
+    # Data-parallel training across processes (torchrun)
+    "distributed",
     # Models, data loaders and the perplexity metric of the examples
     "applications",
     "data",

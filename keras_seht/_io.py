@@ -1,6 +1,9 @@
 """Atomic file writes (and figures).
 
-Shared by the demo, the plots and the benchmarks.
+Shared by the demo, the plots and the benchmarks. Under data-parallel
+training (`keras_seht.distributed`) only the chief (rank 0) writes: the
+other workers' writes are no-ops, so that the workers, which hold the
+same weights and logs, do not race for the same files.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     The temporary file is in the folder of `path`: readers never see a
     half-written file. The file gets the mode a plain ``open(path, "w")``
     would give it (0666 less the umask), not `tempfile.mkstemp`'s 0600.
+    A worker other than the chief (`keras_seht.distributed.is_chief`)
+    writes nothing.
     """
+    from keras_seht.distributed import is_chief
+
+    if not is_chief():
+        return
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
     os.close(fd)

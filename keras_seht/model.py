@@ -17,7 +17,7 @@ import numpy as np
 
 from keras_seht import _keras_compat as compat
 from keras_seht import backend as seht_backend
-from keras_seht import regularizers, step
+from keras_seht import distributed, regularizers, step
 from keras_seht import safeguard as safeguards
 from keras_seht.estimators import CurvatureEstimator
 from keras_seht.layout import WeightLayout, weight_layout
@@ -264,7 +264,8 @@ class SEHTTrainer:
             values: One value R per penalty, in ``seht_penalties`` order.
             guard: What the step's guard decided (`keras_seht.step.Guard`).
         """
-        # Only called after compile(seht=...) created the trackers.
+        if self._seht_trackers is None:  # seht=None (data-parallel step)
+            return
         trackers = {
             t.name: t for t in cast(tuple[Any, ...], self._seht_trackers)
         }
@@ -381,6 +382,8 @@ class SEHTTrainer:
         the change: plain Keras on TensorFlow would keep training the
         frozen layer with the old graph.
         """
+        if _torch_data_parallel():
+            _check_no_synchronized_batchnorm(self)
         if self.seht is not None:
             cached = self._seht_layout
             current = tuple(id(v) for v in self.trainable_variables)
@@ -402,9 +405,25 @@ class SEHTTrainer:
 
         Takes the arguments of the backend's ``train_step`` (``data``;
         ``state, data`` under JAX).
+
+        With ``seht=None`` it is Keras' own step, except with several
+        torch data-parallel workers (`keras_seht.distributed`): then the
+        shared step (`keras_seht.step.train_step`) without penalties, so
+        that the update is the workers' mean gradient, the plain gradient
+        on the global batch (and its logs, metrics and BatchNorm
+        statistics global), as with ``seht``. As there, a step whose mean
+        gradient is not finite is not applied (Keras' own step would
+        apply it).
         """
         if self.seht is None:
-            return super().train_step(*args)  # type: ignore[misc]
+            if not _torch_data_parallel():
+                return super().train_step(*args)  # type: ignore[misc]
+            # Several torch workers: the shared step without penalties,
+            # which averages the gradients, the loss, the metrics and the
+            # BatchNorm statistics over the workers (Keras' own does not).
+            return step.train_step(
+                seht_backend.get().StepRun(self, *args), self
+            )
         if self.built:
             self.check_trainable_weights()
         return step.train_step(seht_backend.get().StepRun(self, *args), self)
@@ -554,6 +573,35 @@ class _SehtProgbar(keras.callbacks.ProgbarLogger):
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         """Finishes the epoch's bar (zero entries left out)."""
         super().on_epoch_end(epoch, self._shown(logs))
+
+
+def _torch_data_parallel() -> bool:
+    """Whether this is one of several torch data-parallel workers."""
+    return keras.config.backend() == "torch" and distributed.world_size() > 1
+
+
+def _check_no_synchronized_batchnorm(model: keras.Model) -> None:
+    """Refuses a ``BatchNormalization(synchronized=True)`` (torch workers).
+
+    Keras implements synchronized batch statistics under TensorFlow only
+    (and refuses ``synchronized=True`` under torch when the layer is
+    built); one set afterwards would normalize each worker's batch with
+    its own statistics.
+    """
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization) and getattr(
+            layer, "synchronized", False
+        ):
+            raise ValueError(
+                f"Layer '{layer.name}' is a BatchNormalization with "
+                "synchronized=True, which Keras implements under "
+                "TensorFlow only: under torch each data-parallel worker "
+                "would normalize with its own batch statistics. Use "
+                "synchronized=False (each worker's local statistics, as "
+                "torch's DistributedDataParallel without SyncBatchNorm; "
+                "see keras_seht.distributed), or train under TensorFlow's "
+                "MultiWorkerMirroredStrategy."
+            )
 
 
 def _is_zero(value: Any) -> bool:

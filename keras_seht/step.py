@@ -15,7 +15,14 @@ with :math:`R_j` each penalty's value and :math:`\phi_j` its
    a step context; every penalty computes :math:`s R_j` from it.
 3. **Differentiate**: the backend returns the gradient :math:`g` of
    :math:`s L + \sum_j \text{strength}_j \phi_j(s R_j)`.
-4. **Guard**: if a penalty value is NaN/Inf (counted in ``seht_skipped``)
+4. **Average** (data-parallel workers only, `keras_seht.distributed`):
+   :math:`g`, the penalty values, the loss (and :math:`g_L` where the
+   step has it) are replaced by their means over the workers, with one
+   bucketed all-reduce, so that the guard below decides the same on
+   every worker (a fallback :math:`g_L` is averaged when it is needed).
+   Every worker draws the same probe, so the mean of the workers'
+   :math:`g` is the gradient on the global batch.
+5. **Guard**: if a penalty value is NaN/Inf (counted in ``seht_skipped``)
    or the update :math:`g` is (a NaN/Inf entry, or a float32 squared norm
    that overflows; counted in ``seht_update_skipped``), the step applies
    the plain loss gradient :math:`g_L` instead; if :math:`g_L` is not
@@ -23,11 +30,11 @@ with :math:`R_j` each penalty's value and :math:`\phi_j` its
    counted in ``seht_step_skipped``). Under a ``LossScaleOptimizer`` the
    fallback is a non-finite gradient instead, so that the optimizer skips
    the step and lowers its scale, as for any overflow.
-5. **Safeguard** (``compile(seht_safeguard=...)``, `keras_seht.safeguard`):
+6. **Safeguard** (``compile(seht_safeguard=...)``, `keras_seht.safeguard`):
    a finite :math:`g` becomes :math:`g_L + c\,(g - g_L)` with
    :math:`c = \min(1, \rho \lVert g_L \rVert / \lVert g - g_L \rVert)`
    (exactly :math:`g` where :math:`c = 1`).
-6. **Apply** the optimizer, update the loss and penalty trackers and the
+7. **Apply** the optimizer, update the loss and penalty trackers and the
    compiled metrics.
 
 The backends (``keras_seht/backend/<name>.py``) provide a ``StepRun``
@@ -151,6 +158,10 @@ class StepRun(Protocol):
         when the step needs both.
         """
 
+    # Optional: `all_reduce_mean(tensors) -> tensors` (`all_reduce_mean`
+    # below), the mean over data-parallel workers of a structure of
+    # tensors, returning `tensors` itself where there is one worker.
+
     def apply(
         self, gradients: list[Any], total: Any, values: list[Any], guard: Guard
     ) -> Any:
@@ -169,8 +180,15 @@ def plan_step(
     run: StepRun,
     output_shape: Callable[[], tuple[Any, int]],
 ) -> StepPlan:
-    """Asks every penalty what to compute, drawing its random numbers."""
+    """Asks every penalty what to compute, drawing its random numbers.
+
+    Without penalties (a ``seht=None`` model trained data-parallel), the
+    plain loss gradient: a forward graph and nothing drawn.
+    """
     plan = StepPlan()
+    if not penalties:
+        plan.forward_graph = True
+        return plan
     trainable = model.trainable_variables
     spec = DrawSpec(
         layout=model.seht_layout,
@@ -200,7 +218,9 @@ def evaluate(penalties: Sequence[Any], context: StepContext) -> tuple:
 
 
 def all_finite(values: Sequence[Any]) -> Any:
-    """Whether every value is finite (a boolean tensor)."""
+    """Whether every value is finite (a boolean tensor; True for none)."""
+    if not values:
+        return ops.convert_to_tensor(True)
     return ops.all(ops.isfinite(ops.stack(list(values))))
 
 
@@ -283,6 +303,18 @@ def static_batch_size(x: Any) -> int | None:
     return None if size is None else int(size)
 
 
+def all_reduce_mean(run: StepRun, tensors: Any) -> Any:
+    r"""The mean of `tensors` (a structure) over the data-parallel workers.
+
+    ``run.all_reduce_mean`` where the backend has it; it returns
+    `tensors` itself (the same object) where there is nothing to reduce
+    (one worker), and so does this function for a backend without it
+    (JAX, whose sharded arrays make every quantity global already).
+    """
+    reduce = getattr(run, "all_reduce_mean", None)
+    return tensors if reduce is None else reduce(tensors)
+
+
 def train_step(run: StepRun, model: SEHTModel) -> Any:
     """One step of the regularized objective (``model.seht`` is set).
 
@@ -308,6 +340,18 @@ def train_step(run: StepRun, model: SEHTModel) -> Any:
     if safeguard is not None:  # first: eager torch then keeps its graph
         loss_gradients = run.loss_gradients()
     gradients = run.objective_gradients(finite)
+    shared = {"gradients": gradients, "values": values, "loss": loss}
+    if safeguard is not None:
+        shared["loss_gradients"] = loss_gradients
+    reduced = all_reduce_mean(run, shared)
+    parallel = reduced is not shared
+    if parallel:
+        # Data-parallel workers: the means, before the guard decides, so
+        # that every worker decides (and updates) alike.
+        gradients, values = reduced["gradients"], reduced["values"]
+        loss = reduced["loss"]
+        loss_gradients = reduced.get("loss_gradients")
+        finite = all_finite(values)
     update_finite = ops.logical_and(
         finite, ops.isfinite(squared_norm(gradients))
     )
@@ -315,6 +359,8 @@ def train_step(run: StepRun, model: SEHTModel) -> Any:
     if safeguard is None:
         update = gradients
         loss_gradients = run.loss_gradients(ops.logical_not(update_finite))
+        if parallel:
+            loss_gradients = all_reduce_mean(run, loss_gradients)
     else:
         update, guard.factor, guard.bound = bounded_update(
             safeguard, gradients, loss_gradients

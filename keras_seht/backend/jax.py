@@ -61,7 +61,8 @@ inside a ``jax.lax.cond``, only when it is needed.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import os
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -532,6 +533,34 @@ class StepRun:
         self._aux = aux
         return aux[0], values
 
+    def all_reduce_mean(self, tensors: Any) -> Any:
+        r"""The mean over the data-parallel workers: `tensors` themselves.
+
+        Under a ``keras.distribution`` (``DataParallel`` or
+        ``ModelParallel``, on one process or across several started by
+        `initialize_from_environment`) the step is ONE global program:
+        the batch is a global ``jax.Array`` sharded over the devices, so
+        the mean loss :math:`L = \frac{1}{B}\sum_{i=1}^{B} \ell_i` is
+        already the mean over the global batch of :math:`B` samples (XLA
+        inserts the cross-device reduction; between CPU processes it runs
+        over gloo), and so are the penalty values and the gradients
+        derived from it: they are the global values, the same on every
+        device and process. Averaging them again would change nothing.
+        Without a distribution there is one worker. Either way the mean is
+        the identity (measured: two processes give the single-process
+        update, ``loss`` and ``seht_trace`` to float32 round-off,
+        ``tests/test_distributed_jax.py``).
+
+        Args:
+            tensors: Any structure of tensors (gradients, penalty values,
+                the loss).
+
+        Returns:
+            `tensors` itself, the same object (which `keras_seht.step`
+            reads as "nothing was reduced").
+        """
+        return tensors
+
     def objective_gradients(self, finite: Any) -> list[Any]:
         """The objective's gradient g; see `StepRun.objective_gradients`."""
         return self._total_grads
@@ -599,6 +628,172 @@ class StepRun:
             optimizer_values,
             metrics_values,
         )
+
+
+#: Each setting of a multi-process run under Keras' variable name
+#: (``keras.distribution.initialize``) and JAX's (``JAX_COORDINATOR_ADDRESS``
+#: is read by ``jax.distributed.initialize`` itself; the other two are named
+#: after its arguments).
+PROCESS_VARIABLES = {
+    "coordinator": (
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+        "JAX_COORDINATOR_ADDRESS",
+    ),
+    "num_processes": ("KERAS_DISTRIBUTION_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
+    "process_id": ("KERAS_DISTRIBUTION_PROCESS_ID", "JAX_PROCESS_ID"),
+}
+
+
+def _process_setting(
+    environ: Mapping[str, str], key: str
+) -> tuple[str, str] | None:
+    """``(variable, value)`` of one setting, None where it is unset.
+
+    Raises ValueError where its two names are set to different values.
+    """
+    found = [
+        (name, environ[name])
+        for name in PROCESS_VARIABLES[key]
+        if environ.get(name, "").strip()
+    ]
+    if key == "coordinator":  # Keras' list starts with the coordinator
+        found = [(name, value.split(",")[0].strip()) for name, value in found]
+    if len({value for _, value in found}) > 1:
+        raise ValueError(
+            f"{found[0][0]}={found[0][1]!r} and {found[1][0]}="
+            f"{found[1][1]!r} disagree: set one of them (or both alike)."
+        )
+    return found[0] if found else None
+
+
+def _process_integer(
+    setting: tuple[str, str], minimum: int, maximum: int | None
+) -> int:
+    """The integer value of `setting`, in [minimum, maximum]."""
+    name, value = setting
+    allowed = (
+        f"an integer >= {minimum}"
+        if maximum is None
+        else f"an integer in [{minimum}, {maximum}]"
+    )
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if (
+        number is None
+        or number < minimum
+        or (maximum is not None and number > maximum)
+    ):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+    return number
+
+
+def initialize_from_environment(
+    environ: Mapping[str, str] | None = None, set_distribution: bool = True
+) -> Any:
+    r"""Joins a multi-process JAX run described by environment variables.
+
+    Each process of a run of :math:`P` processes sets three variables
+    (Keras' names, or JAX's in parentheses):
+
+    - ``KERAS_DISTRIBUTION_JOB_ADDRESSES`` (``JAX_COORDINATOR_ADDRESS``):
+      ``host:port`` of process 0, the coordinator (Keras' comma-separated
+      list of every process's address also works: its first entry is the
+      coordinator);
+    - ``KERAS_DISTRIBUTION_NUM_PROCESSES`` (``JAX_NUM_PROCESSES``):
+      :math:`P \ge 1`;
+    - ``KERAS_DISTRIBUTION_PROCESS_ID`` (``JAX_PROCESS_ID``): this
+      process's rank, in :math:`[0, P - 1]`.
+
+    This calls ``keras.distribution.initialize`` (that is,
+    ``jax.distributed.initialize``, and then one global seed for every
+    process: every ``keras.random.SeedGenerator`` without an explicit seed,
+    ``seht_seed_generator`` among them, starts from the same state on every
+    process) and returns ``keras.distribution.DataParallel`` over the
+    devices of all processes, ``jax.devices()``, set as the global
+    distribution unless ``set_distribution=False``. Call it before anything
+    runs a JAX computation (``jax.distributed.initialize`` refuses
+    afterwards), and before building the model.
+
+    **What each process feeds.** ``auto_shard_dataset`` is False: every
+    process passes its own shard of each global batch (arrays, a
+    ``PyDataset`` or a ``tf.data.Dataset``, per-process batch size
+    :math:`B / P`), and Keras assembles the global batch with
+    ``jax.make_array_from_process_local_data``. (Set
+    ``distribution.auto_shard_dataset = True`` to let Keras shard one
+    ``tf.data.Dataset`` that every process reads whole.)
+
+    **Why the step is exact.** The compiled step is one global program
+    over the global batch (`StepRun.all_reduce_mean`): the probe
+    :math:`\sigma` is drawn once from the replicated seed state (the same
+    on every process, and advanced identically), and the loss, the
+    penalty values, their gradients, the finiteness guard and the logs are
+    those of a single worker on the global batch. On CPU the cross-process
+    collectives run over gloo (JAX's default
+    ``jax_cpu_collectives_implementation``).
+
+    Args:
+        environ: The variables (default ``os.environ``).
+        set_distribution: Whether to make the returned distribution the
+            global one (``keras.distribution.set_distribution``).
+
+    Returns:
+        The ``DataParallel`` distribution, or None (and nothing is done)
+        where neither coordinator variable is set.
+
+    Raises:
+        ValueError: The coordinator is set but the process count or rank
+            is not, a value is out of range, a setting's two names
+            disagree, or JAX was already initialized for another run.
+
+    Example:
+        >>> from keras_seht.backend.jax import initialize_from_environment
+        >>> initialize_from_environment({}) is None  # a single process
+        True
+    """
+    environ = os.environ if environ is None else environ
+    settings = {
+        key: _process_setting(environ, key) for key in PROCESS_VARIABLES
+    }
+    coordinator = settings["coordinator"]
+    if coordinator is None:
+        return None
+    num_processes, process_id = (
+        settings["num_processes"],
+        settings["process_id"],
+    )
+    if num_processes is None or process_id is None:
+        missing = [
+            " or ".join(PROCESS_VARIABLES[key])
+            for key in ("num_processes", "process_id")
+            if settings[key] is None
+        ]
+        raise ValueError(
+            f"{coordinator[0]} is set, so a multi-process JAX run needs "
+            f"{' and '.join(missing)} too."
+        )
+    count = _process_integer(num_processes, 1, None)
+    rank = _process_integer(process_id, 0, count - 1)
+    if jax.distributed.is_initialized():
+        if (jax.process_count(), jax.process_index()) != (count, rank):
+            raise ValueError(
+                "JAX is already initialized as process "
+                f"{jax.process_index()} of {jax.process_count()}, not "
+                f"{rank} of {count} as the environment says."
+            )
+    else:
+        keras.distribution.initialize(
+            job_addresses=coordinator[1],
+            num_processes=count,
+            process_id=rank,
+        )
+    distribution = keras.distribution.DataParallel(
+        devices=jax.devices(), auto_shard_dataset=False
+    )
+    if set_distribution:
+        keras.distribution.set_distribution(distribution)
+    return distribution
 
 
 # --------------------------------------------------------------------------

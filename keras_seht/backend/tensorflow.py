@@ -88,6 +88,89 @@ def _unscale_for_distribution(value: tf.Tensor) -> tf.Tensor:
     return value
 
 
+def _replica_context() -> Any:
+    """The replica context of a strategy with several replicas, or None.
+
+    None without a ``tf.distribute`` strategy, with one replica, or in
+    cross-replica code.
+    """
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    return context
+
+
+def _all_reduce_mean(tensors: Any) -> Any:
+    """The mean over the replicas of each tensor of a structure.
+
+    One batched all-reduce; a boolean becomes True where it is True on
+    every replica (the mean of its 0/1 values is 1). Without a strategy
+    (or with one replica) `tensors` is returned as it is.
+    """
+    import tensorflow as tf
+
+    context = _replica_context()
+    if context is None:
+        return tensors
+    flat = [tf.convert_to_tensor(t) for t in keras.tree.flatten(tensors)]
+    numbers = [
+        tf.cast(t, tf.float32) if t.dtype == tf.bool else t for t in flat
+    ]
+    reduced = context.all_reduce(tf.distribute.ReduceOp.MEAN, numbers)
+    reduced = [
+        tf.equal(r, 1.0) if t.dtype == tf.bool else r
+        for t, r in zip(flat, reduced)
+    ]
+    return keras.tree.pack_sequence_as(tensors, reduced)
+
+
+def _apply_if(
+    applied: Any,
+    optimizer: Any,
+    gradients: list[Any],
+    variables: list[Any],
+) -> None:
+    """``optimizer.apply(gradients, variables)`` where `applied` is True.
+
+    Without a strategy, a conditional. Keras' TensorFlow optimizer
+    all-reduces the gradients with a ``merge_call``, which TensorFlow does
+    not allow inside a conditional in a replica context; so under a
+    strategy, as ``keras.optimizers.LossScaleOptimizer`` does, the
+    conditional runs in the cross-replica context and calls the optimizer
+    on every replica. `applied` is first made the same on every replica
+    (True only where it is True on all: a replica that skipped alone
+    would leave the others waiting in the optimizer's all-reduce).
+    """
+    import tensorflow as tf
+
+    def apply() -> None:
+        optimizer.apply(gradients, variables)
+
+    context = _replica_context()
+    if context is None:
+        keras.ops.cond(applied, apply, lambda: None)
+        return
+    applied = _all_reduce_mean(applied)
+    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+        keras.ops.cond(applied, apply, lambda: None)
+        return
+
+    def cross_replica(distribution: Any, applied: Any, gradients: Any) -> None:
+        # The same on every replica: the first replica's answer.
+        first = distribution.experimental_local_results(applied)[0]
+
+        def apply_everywhere() -> None:
+            distribution.extended.call_for_each_replica(
+                optimizer.apply, args=(gradients, variables)
+            )
+
+        keras.ops.cond(first, apply_everywhere, lambda: None)
+
+    context.merge_call(cross_replica, args=(applied, gradients))
+
+
 def _loss_scale(optimizer: Any, dtype: tf.DType) -> tf.Tensor:
     """The factor s with ``optimizer.scale_loss(L) == s * L``."""
     import tensorflow as tf
@@ -382,6 +465,31 @@ class StepRun:
         """The plain loss gradient g_L (the inner tape's, always at hand)."""
         return list(self.grads)
 
+    def all_reduce_mean(self, tensors: Any) -> Any:
+        r"""The mean of each tensor over the replicas of a strategy.
+
+        Under a ``tf.distribute`` strategy with :math:`R` replicas, Keras
+        divides each replica's loss by :math:`R` (so that the optimizer's
+        sum all-reduce averages the gradients), and every quantity of the
+        step carries that factor: replica :math:`k` holds
+        :math:`L_k/R`, :math:`s R_j(k)/R` and :math:`g_k/R`. The mean over
+        the replicas keeps the convention: every replica then holds the
+        global value divided by :math:`R` (so the guard decides the same
+        everywhere), the optimizer's sum gives the global gradient
+        :math:`\frac1R\sum_k g_k` once, and the logs multiply by
+        :math:`R` (`_unscale_for_distribution`). The gradients are thus
+        all-reduced twice, here and in the optimizer. Booleans become
+        True where they are True on every replica. Without a strategy,
+        `tensors` unchanged.
+
+        Args:
+            tensors: A structure of tensors (gradients, values, flags).
+
+        Returns:
+            The same structure, reduced.
+        """
+        return _all_reduce_mean(tensors)
+
     def apply(
         self,
         gradients: list[Any],
@@ -405,14 +513,48 @@ class StepRun:
         if guard.applied is None:
             optimizer.apply(gradients, self.trainable)
         else:
-            keras.ops.cond(
-                guard.applied,
-                lambda: optimizer.apply(gradients, self.trainable),
-                lambda: None,
-            )
+            _apply_if(guard.applied, optimizer, gradients, self.trainable)
         return self.model.compute_metrics(
             self.x, self.y, self.y_pred, sample_weight=self.sample_weight
         )
+
+
+def strategy_from_environment(timeout: float | None = None) -> Any:
+    """The strategy ``TF_CONFIG`` describes, made TensorFlow's default.
+
+    With ``TF_CONFIG`` set (one process per worker, as for any
+    ``tf.distribute.MultiWorkerMirroredStrategy`` job), creates a
+    ``MultiWorkerMirroredStrategy`` and installs it as the default strategy
+    (``tf.distribute.experimental_set_strategy``): models built and
+    compiled afterwards live in it without a ``strategy.scope()``, and
+    ``fit`` shards each global batch across the workers (tf.data's
+    auto-sharding: give every worker the same, whole data set). Call it
+    first, before any other TensorFlow work, and seed every worker alike
+    (``keras.utils.set_random_seed``). Without ``TF_CONFIG``, does
+    nothing.
+
+    Args:
+        timeout: Seconds a collective waits for the other workers before
+            it fails (None: no limit). It also bounds the first step's
+            wait while the other workers trace their step function.
+
+    Returns:
+        The strategy, or None without ``TF_CONFIG``.
+    """
+    import os
+
+    import tensorflow as tf
+
+    if not os.environ.get("TF_CONFIG"):
+        return None
+    options = tf.distribute.experimental.CommunicationOptions(
+        timeout_seconds=timeout
+    )
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=options
+    )
+    tf.distribute.experimental_set_strategy(strategy)
+    return strategy
 
 
 # --------------------------------------------------------------------------

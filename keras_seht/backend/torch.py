@@ -26,7 +26,7 @@ import keras
 import torch
 
 from keras_seht import _keras_compat as compat
-from keras_seht import functional, output_split, step
+from keras_seht import distributed, functional, output_split, step
 from keras_seht.context import StepPlan
 from keras_seht.penalties import flatten_outputs, float_inputs
 
@@ -388,11 +388,45 @@ class _Context:
         ]
 
 
+def _model_state(model: keras.Model) -> list[Any]:
+    """The model's non-trainable float variables (BatchNorm statistics).
+
+    Seed-generator states (integers) are left out: they advance alike on
+    every worker.
+    """
+    return [
+        v
+        for v in model.non_trainable_variables
+        if keras.backend.is_float_dtype(v.dtype)
+    ]
+
+
+def _metric_variables(model: keras.Model) -> list[Any]:
+    """The state variables of the metrics the step updates locally.
+
+    Those of the compiled metrics and losses (and any other metric of the
+    model), not the ``loss`` and ``seht_*`` trackers: the step feeds
+    those the workers' means already.
+    """
+    skip = {id(compat.loss_tracker(model))}
+    skip.update(id(t) for t in getattr(model, "_seht_trackers", None) or ())
+    found: dict[int, Any] = {}
+    for metric in model.metrics:
+        if id(metric) not in skip:
+            for v in metric.variables:
+                found.setdefault(id(v), v)
+    return list(found.values())
+
+
 class StepRun:
     """The primitives of one eager train step (`keras_seht.step.StepRun`).
 
     Probes are sparse: the step leaves the variables of undrawn layers out
     of every derivative.
+
+    With several workers (`keras_seht.distributed`), `all_reduce_mean`
+    averages the step's gradients, values and loss, and `apply` makes the
+    metrics and the BatchNorm statistics global (see `apply`).
     """
 
     sparse_probes = True
@@ -409,6 +443,30 @@ class StepRun:
         self.scale = torch.as_tensor(model.optimizer.scale_loss(one)).detach()
         self._context: _Context | None = None
         self._objective: Any = None
+        self._unneeded: list[torch.Tensor] | None = None
+        self.workers = distributed.world_size()
+        self._state: list[Any] = []
+        self._state_before: list[torch.Tensor] = []
+        if self.workers > 1:
+            # Before the forward pass, which moves the BatchNorm statistics.
+            self._state = _model_state(model)
+            self._state_before = [v.value.clone() for v in self._state]
+
+    def all_reduce_mean(self, tensors: Any) -> Any:
+        """The mean over the workers of a structure of tensors.
+
+        One ``torch.distributed.all_reduce`` per dtype over a flattened
+        buffer (`keras_seht.distributed.all_reduce_mean`). `tensors`
+        itself (no work) with one worker, and for the placeholder zeros
+        that `loss_gradients` returns where it was not needed (every
+        worker decided so alike).
+        """
+        if self.workers == 1 or tensors is self._unneeded:
+            return tensors
+        flat = keras.tree.flatten(tensors)
+        return keras.tree.pack_sequence_as(
+            tensors, distributed.all_reduce_mean(flat)
+        )
 
     def differentiate(
         self,
@@ -432,7 +490,9 @@ class StepRun:
         assert context is not None  # differentiate ran
         if not bool(finite):
             return [torch.full_like(p, float("nan")) for p in self.params]
-        objective = context.scaled_loss + self._objective
+        objective = context.scaled_loss
+        if self._objective is not None:  # None without penalties
+            objective = objective + self._objective
         grads = _grad(objective, self.params, False, retain_graph=False)
         context._graph_freed = True
         return grads
@@ -447,7 +507,8 @@ class StepRun:
         """
         params = self.params
         if needed is not None and not bool(needed):
-            return [torch.zeros_like(p) for p in params]
+            self._unneeded = [torch.zeros_like(p) for p in params]
+            return self._unneeded
         context = self._context
         assert context is not None
         everything = tuple(range(len(params)))
@@ -480,17 +541,56 @@ class StepRun:
         values: list[Any],
         guard: step.Guard,
     ) -> Any:
-        """Applies the optimizer, trackers and metrics; see `StepRun.apply`."""
+        r"""Applies the optimizer, trackers and metrics; see `StepRun.apply`.
+
+        With :math:`K` workers, then one ``all_reduce`` (sum) of this
+        step's changes :math:`\Delta_k` of the compiled metrics' state
+        variables and of the model's non-trainable float variables
+        (`_model_state`): a metric variable becomes :math:`v +
+        \sum_k \Delta_k` (metric states are sums over samples, so the
+        metrics are those of the global batch, exactly), a BatchNorm
+        statistic :math:`v + \frac1K \sum_k \Delta_k` (the same on
+        every worker; for a moving mean, the single-process update on the
+        global batch). A variable the step left alone keeps its value
+        bit for bit (:math:`\Delta_k = 0`).
+        """
         context = self._context
         assert context is not None
-        step.update_trackers(self.model, self.x, total, values, guard)
+        model = self.model
+        step.update_trackers(model, self.x, total, values, guard)
         if guard.applied is None or bool(guard.applied):
             with torch.no_grad():
-                self.model.optimizer.apply(gradients, self.trainable)
+                model.optimizer.apply(gradients, self.trainable)
         self._context = self._objective = None
-        return self.model.compute_metrics(
-            self.x, self.y, context.outputs, sample_weight=self.sample_weight
+        if self.workers == 1:
+            return model.compute_metrics(
+                self.x, self.y, context.outputs, self.sample_weight
+            )
+        metrics = _metric_variables(model)
+        metrics_before = [v.value.clone() for v in metrics]
+        model.compute_metrics(
+            self.x, self.y, context.outputs, self.sample_weight
         )
+        self._add_changes(metrics, metrics_before)
+        return model.get_metrics_result()
+
+    def _add_changes(self, metrics: list[Any], before: list[Any]) -> None:
+        """Adds the workers' summed changes of the metrics (`apply`).
+
+        And their mean changes of the model's state, and of a metric
+        variable declared with ``aggregation="mean"``.
+        """
+        variables = metrics + self._state
+        before = before + self._state_before
+        averaged = [
+            i >= len(metrics) or getattr(v, "aggregation", "sum") == "mean"
+            for i, v in enumerate(variables)
+        ]
+        with torch.no_grad():
+            changes = [v.value - b for v, b in zip(variables, before)]
+            summed = distributed.all_reduce_sum(changes)
+            for v, b, d, mean in zip(variables, before, summed, averaged):
+                v.assign(b + (d / self.workers if mean else d).to(b.dtype))
 
 
 # --------------------------------------------------------------------------

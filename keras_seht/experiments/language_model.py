@@ -21,6 +21,10 @@ exp of the token-mean negative log-likelihood). The training windows drop
 the last incomplete one (at most 34 tokens of each 100k-token stream);
 evaluation pads it and gives the padding zero weight.
 
+It runs as one process: under several data-parallel workers
+(``torchrun``, ``TF_CONFIG``, a JAX coordinator; `keras_seht.distributed`)
+it stops at once with a RuntimeError (`check_single_process`).
+
 Methods: ``baseline``, ``seht-d``, ``seht-h`` (at ``--strength``, ``--p``,
 ``--max-iter``), ``confidence-penalty`` and ``label-smoothing``, ``+``
 combining. Every method builds its recurrent layers without cuDNN
@@ -42,6 +46,7 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
+from keras_seht import distributed
 from keras_seht._io import write_npz
 from keras_seht.applications import reset_rnn_states, rnn_language_model
 from keras_seht.data import BPTTDataset, load_wikitext2
@@ -192,10 +197,36 @@ def _build(
     )
 
 
+def check_single_process() -> None:
+    """Refuses a data-parallel run (`keras_seht.distributed`).
+
+    The recipe is not written for several workers: its stateful RNN
+    carries each of the :math:`b` parallel token streams from window to
+    window, which a worker holding :math:`b / K` of every batch would
+    split across workers (each worker's model would need its own
+    per-worker batch size, and so would the evaluation model), and the
+    best-weights file is written by the chief alone and read back by
+    every worker. Run it as one process (it fits one GPU).
+
+    Raises:
+        RuntimeError: There are several workers.
+    """
+    count = distributed.world_size()
+    if count > 1:
+        raise RuntimeError(
+            "The WikiText-2 recipe (examples/wikitext2_rnn.py) runs as one "
+            f"process, not {count} data-parallel workers: its stateful RNN "
+            "carries every token stream across windows, and its best "
+            "weights are read back by every worker. Start it as one "
+            "process (without torchrun, TF_CONFIG or a JAX coordinator)."
+        )
+
+
 def train_one(
     method: str, seed: int, args: argparse.Namespace, corpus: Any
 ) -> dict[str, Any]:
-    """One resumable run; returns its results."""
+    """One resumable run; returns its results (one process only)."""
+    check_single_process()
     parts = recipes.parse_method(method, METHODS)
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
@@ -257,6 +288,7 @@ def train_one(
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Parses `argv`, runs every (method, seed), prints the table."""
     args = make_parser().parse_args(argv)
+    check_single_process()  # before the data are loaded
     if args.dropout is None:
         args.dropout = DROPOUT[args.cell]
     if args.smoke:

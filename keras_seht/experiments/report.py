@@ -839,10 +839,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     0: success, 1: no runs to report or a bad ``--metric``; 2: bad
     arguments, from argparse.
+
+    In a data-parallel run (`keras_seht.distributed`), where every worker
+    calls it at the end of an example script, only the chief reads the
+    runs, writes the report and prints; the other workers check the
+    arguments and return 0.
     """
     args = make_parser().parse_args(
         None if argv is None else [str(a) for a in argv]
     )
+    # Lazily: this module itself never imports keras (atomic_write does).
+    from keras_seht.distributed import is_chief
+
+    if not is_chief():
+        return 0  # the chief, which wrote the runs, reports them
     skipped: list[str] = []
 
     def on_problem(message: str) -> None:

@@ -22,6 +22,14 @@ When the last epoch is done it evaluates the model, writes the final
 ``results.json`` (``"complete": true``; the schema is in the comment on
 `keras_seht.experiments.report.RESULTS_FORMAT`, which this module imports)
 and deletes the checkpoint. A complete run is not trained again.
+
+Data-parallel runs (``torchrun``; `keras_seht.distributed`): every worker
+calls `run_training` alike; each trains on its share of every batch of
+`train` (`keras_seht.distributed.ShardedDataset`), so the run takes the
+global batches of a single-process run; only the chief (rank 0) writes
+the checkpoint and the results and shows progress. After a worker dies
+the others stop with `keras_seht.distributed.WorkerError`; starting
+every worker again resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from typing import Any, Callable, Sequence
 import keras
 import numpy as np
 
+from keras_seht import distributed
 from keras_seht._io import write_json, write_npz
 from keras_seht.experiments.report import RESULTS_FILE, RESULTS_FORMAT
 from keras_seht.version import __version__
@@ -353,7 +362,43 @@ def run_training(
     ``"diverged": true`` (the re-initialization and SEHT skip rules
     protect the weights from a bad curvature estimate, but not from an
     unstable learning rate or method); it is still evaluated.
+
+    With several data-parallel workers (`keras_seht.distributed`),
+    `train` must be a `keras.utils.PyDataset`: each worker trains on its
+    share of every batch (`keras_seht.distributed.ShardedDataset`; of a
+    batch whose size is not a multiple of the number of workers, the last
+    samples are dropped), and only the chief writes files and shows
+    progress. `validation_data` and `evaluate` run on every worker.
+
+    A model compiled with ``seht=None`` (a baseline) is averaged alike:
+    under torch a `keras_seht.Model` then trains through the shared step
+    without penalties (`keras_seht.Model.train_step`); TensorFlow's
+    strategy and JAX's distribution average Keras' own step.
+
+    Raises:
+        ValueError: Several workers, and `train` is not a PyDataset, or
+            (under torch) the model is a plain ``keras.Model``, whose
+            step does not average the workers' gradients.
     """
+    if distributed.world_size() > 1:
+        if keras.config.backend() == "torch" and not hasattr(model, "seht"):
+            raise ValueError(
+                "Under torch, data-parallel workers average their "
+                "gradients in the keras_seht step only: build the model "
+                "with keras_seht.Model / keras_seht.Sequential (or "
+                "keras_seht.wrap(model)), or run one process. Received: "
+                f"model of type {type(model).__name__}"
+            )
+        if not isinstance(train, keras.utils.PyDataset):
+            raise ValueError(
+                "With several data-parallel workers `train` must be a "
+                "keras.utils.PyDataset (e.g. keras_seht.data.pipeline."
+                "ArrayDataset), which each worker splits batch by batch. "
+                f"Received: train of type {type(train).__name__}"
+            )
+        train = distributed.ShardedDataset(train, drop_remainder=True)
+        if not distributed.is_chief():
+            verbose = 0
     os.makedirs(output_dir, exist_ok=True)
     results_path = os.path.join(output_dir, RESULTS_FILE)
     checkpoint_path = os.path.join(output_dir, CHECKPOINT_FILE)
@@ -446,6 +491,6 @@ def run_training(
     }
     results["complete"] = True
     write_json(results_path, results)
-    if os.path.exists(checkpoint_path):
+    if distributed.is_chief() and os.path.exists(checkpoint_path):
         os.remove(checkpoint_path)
     return results
