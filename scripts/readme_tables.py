@@ -70,6 +70,65 @@ def _demo_plot(path: str, results: dict[str, Any]) -> None:
     demo.plot_sweep(path, results)
 
 
+def _signed(stats: dict[str, Any] | None, scale: float = 100.0) -> str:
+    """``+1.2 ± 0.3`` (percentage points by default), ``-`` without data."""
+    if stats is None or not stats.get("finite"):
+        return "-"
+    mean, se = scale * stats["mean"], scale * stats["se"]
+    text = f"{mean:+.1f}"
+    if se == se:  # not NaN (one finite value has no standard error)
+        text += f" ± {se:.1f}"
+    return text
+
+
+def _study_summary(results: dict[str, Any]) -> str:
+    """The "does it help?" study: paired accuracy differences, one table.
+
+    Rows are the methods, columns the data set and model pairs; a cell is
+    the mean ± standard error over seeds of the per-seed difference in
+    final test accuracy to the same-seed baseline, in percentage points,
+    bold where `benchmarks/generalization.py`'s verdict says "better" or
+    "worse" (beyond 2 standard errors of 0).
+    """
+    rows = results["aggregates"]
+    combos = list(dict.fromkeys((r["data"], r["model"]) for r in rows))
+    setup = results["setup"]
+    seeds = max(len(r["seeds"]) for r in rows)
+    epochs = ", ".join(f"{d} {e}" for d, e in setup["epochs"].items())
+    lines = [
+        f"Backend {setup['backend']}, {seeds} seeds, epochs: {epochs}. "
+        "Each cell: final test accuracy minus the same seed's baseline, in "
+        "percentage points (mean ± standard error over seeds); **bold**: "
+        "beyond 2 standard errors of 0. The baseline row gives its "
+        "accuracy in %.",
+        "",
+        "| method | " + " | ".join(f"{d} {m}" for d, m in combos) + " |",
+        "|---|" + "---:|" * len(combos),
+    ]
+    by_key = {(r["data"], r["model"], r["method"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for method in methods:
+        label = next(r["label"] for r in rows if r["method"] == method)
+        cells = []
+        for data, model in combos:
+            row = by_key.get((data, model, method))
+            if row is None:
+                cells.append("-")
+            elif method == "baseline":
+                cells.append(_signed(row["test_accuracy"]).lstrip("+"))
+            else:
+                cell = _signed(row["delta_test_accuracy"])
+                if row["verdict_test_accuracy"] in ("better", "worse"):
+                    cell = f"**{cell}**"
+                if row["finite_runs"] < len(row["seeds"]):
+                    cell += (
+                        f" ({row['finite_runs']}/{len(row['seeds'])} finite)"
+                    )
+                cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 #: Marker name -> block. The markers are ``<!-- NAME:begin -->`` and
 #: ``<!-- NAME:end -->``.
 BLOCKS: dict[str, Block] = {
@@ -77,6 +136,10 @@ BLOCKS: dict[str, Block] = {
         results="benchmarks/results/demo_torch.json",
         render=_demo_table,
         image=("docs/img/demo_torch.png", _demo_plot),
+    ),
+    "study-table": Block(
+        results="benchmarks/results/generalization.json",
+        render=_study_summary,
     ),
 }
 

@@ -44,6 +44,72 @@ def test_results_pages_numbers_come_from_the_files():
     assert table.read_text().splitlines()[2] in stability
 
 
+def test_reinit_page_numbers_come_from_the_file():
+    pages = _script("results_pages")
+    page = (ROOT / "docs" / "reinit_mnist.md").read_text()
+    data = pages._load("mnist_reinit_subset.json")
+    base = [
+        100 * r["test_accuracy"]
+        for r in data["runs"]
+        if r["method"] == "baseline"
+    ]
+    mean = sum(base) / len(base)
+    assert f"| baseline | {len(base)} | " in page
+    assert f"| {mean:.2f} ± " in page
+    for claim, _ in pages.REINIT_CLAIMS:
+        assert f"| {claim} | " in page
+
+
+def _reinit_data(k10, k30, finite=True):
+    """Four seeds: baseline accuracies 0.90; the others offset per seed."""
+    runs = []
+    for seed in range(4):
+        for method, offset in (
+            ("baseline", 0.0),
+            ("reinit-k10", k10[seed]),
+            ("reinit-k20", 0.0),
+            ("reinit-k30", k30[seed]),
+        ):
+            acc = 0.90 + offset
+            runs.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "test_accuracy": acc,
+                    "best_test_accuracy": acc,
+                    "finite": finite or method != "reinit-k30" or seed,
+                    "val_accuracy": [0.8, acc],
+                }
+            )
+    return {"runs": runs}
+
+
+def test_reinit_verdicts_follow_two_standard_errors():
+    pages = _script("results_pages")
+    # k = 10: +1, +2, +1, +2 pp: mean 1.5, SE 0.29: helps. k = 20 is
+    # then 1.5 pp below k = 10 (worse); k = 30 equals the baseline.
+    data = _reinit_data([0.01, 0.02, 0.01, 0.02], [0.0] * 4)
+    verdicts = {c: v for c, _, v in pages.reinit_verdicts(data)}
+    assert verdicts == {
+        "k = 10% helps": "final: helps; best epoch: helps",
+        "k = 20% is worse (than k = 10%)": "final: worse; best epoch: worse",
+        "k = 30% is unstable": "not unstable beyond 2 SE",
+    }
+    # +3, -1, +3, -1: mean 1, SE 1.15: within 2 SE. A k = 30 run that
+    # is not finite makes it unstable.
+    data = _reinit_data([0.03, -0.01, 0.03, -0.01], [0.0] * 4, finite=False)
+    verdicts = {c: v for c, _, v in pages.reinit_verdicts(data)}
+    same = "no difference beyond 2 SE"
+    assert verdicts["k = 10% helps"] == f"final: {same}; best epoch: {same}"
+    assert verdicts["k = 30% is unstable"] == "unstable"
+    # Test accuracy falls from 0.8 to 0.6 or 0.7 after the first epoch:
+    # 20, 10, 20, 10 pp more than the baseline's no fall (mean 15, SE
+    # 2.9): unstable, though every run is finite.
+    data = _reinit_data([0.0] * 4, [-0.3, -0.2, -0.3, -0.2])
+    verdicts = {c: v for c, _, v in pages.reinit_verdicts(data)}
+    assert verdicts["k = 30% is unstable"] == "unstable"
+
+
 def test_a_changed_results_file_needs_a_new_date(monkeypatch):
     pages = _script("results_pages")
     name = "step_time.json"
@@ -107,3 +173,17 @@ def test_docstring_list_items_keep_their_math():
         "\n"
         "2. Grow them."
     )
+
+
+def test_does_it_help_page_and_its_figures_are_checked(tmp_path, monkeypatch):
+    """The study's page is generated, and --check flags a figure under
+    docs/ that differs from the results file it copies."""
+    pages = _script("results_pages")
+    assert pages.PAGES["does_it_help.md"] is pages.does_it_help_page
+    assert pages.does_it_help_figures in pages.FIGURES
+    source = tmp_path / "figure.png"
+    source.write_bytes(b"not in docs")
+    name = "img/_no_such_figure.png"
+    monkeypatch.setattr(pages, "FIGURES", [lambda: {name: source}])
+    assert pages.stale_pages() == [name]
+    assert pages.main(["--check"]) == 1
