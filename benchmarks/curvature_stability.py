@@ -81,7 +81,7 @@ import numpy as np
 
 from keras_seht._io import atomic_write
 from keras_seht.data import load_digits
-from keras_seht.experiments.cli import positive_int
+from keras_seht.experiments.cli import choices, positive_int
 from keras_seht.experiments.demo import (
     _compile,
     _TrainTimer,
@@ -136,20 +136,6 @@ BUILDERS: dict[str, Callable[[], keras.Model]] = {
 # --------------------------------------------------------------------------
 
 
-def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(value: str) -> list[str]:
-        names = [n.strip() for n in value.split(",") if n.strip()]
-        unknown = [n for n in names if n not in allowed]
-        if not names or unknown:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated subset of {', '.join(allowed)};"
-                f" got {value!r}"
-            )
-        return list(dict.fromkeys(names))
-
-    return parse
-
-
 def _int_list(value: str) -> list[int]:
     try:
         seeds = [int(v) for v in value.split(",") if v.strip()]
@@ -186,13 +172,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--models",
-        type=_choices(MODELS),
+        type=choices(MODELS),
         default=list(MODELS),
         help="comma-separated subset of " + ", ".join(MODELS),
     )
     parser.add_argument(
         "--methods",
-        type=_choices(METHODS),
+        type=choices(METHODS),
         default=list(METHODS),
         help="comma-separated subset of " + ", ".join(METHODS),
     )

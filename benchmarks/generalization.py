@@ -149,7 +149,7 @@ from keras_seht._io import atomic_write, save_figure, write_json
 from keras_seht.data import load_digits, load_mnist_subset
 from keras_seht.data.pipeline import ArrayDataset, mixup
 from keras_seht.experiments import recipes
-from keras_seht.experiments.cli import positive_int, seeds
+from keras_seht.experiments.cli import choices, positive_int, seeds
 from keras_seht.experiments.demo import _TrainTimer
 from keras_seht.experiments.report import finite_stats
 from keras_seht.experiments.runner import versions
@@ -414,20 +414,6 @@ def verdict(stats: dict[str, Any] | None) -> str:
 # --------------------------------------------------------------------------
 
 
-def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(value: str) -> list[str]:
-        names = [n.strip() for n in value.split(",") if n.strip()]
-        unknown = [n for n in names if n not in allowed]
-        if not names or unknown:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated subset of {', '.join(allowed)};"
-                f" got {value!r}"
-            )
-        return list(dict.fromkeys(names))
-
-    return parse
-
-
 def make_parser() -> argparse.ArgumentParser:
     """The command-line parser of the study."""
     parser = argparse.ArgumentParser(
@@ -436,13 +422,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--data",
-        type=_choices(DATA),
+        type=choices(DATA),
         default=list(DATA),
         help="comma-separated subset of " + ", ".join(DATA) + " (default: all)",
     )
     parser.add_argument(
         "--models",
-        type=_choices(MODELS),
+        type=choices(MODELS),
         default=list(MODELS),
         help="comma-separated subset of "
         + ", ".join(MODELS)
@@ -450,7 +436,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--methods",
-        type=_choices(list(METHODS)),
+        type=choices(list(METHODS)),
         default=None,
         help="comma-separated subset of " + ", ".join(METHODS) + " (default:"
         " all; the paired differences need baseline)",

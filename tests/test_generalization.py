@@ -177,7 +177,7 @@ def test_bad_arguments_are_refused(study, capsys):
     for bad in (["--methods", "nope"], ["--data", "cifar"], ["--seeds", "-1"]):
         with pytest.raises(SystemExit):
             study.make_parser().parse_args(bad)
-    assert "expected a comma-separated subset" in capsys.readouterr().err
+    assert "must be a comma-separated list of" in capsys.readouterr().err
 
 
 def _fake_payload(study: ModuleType) -> dict[str, Any]:

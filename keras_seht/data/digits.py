@@ -41,18 +41,9 @@ def load_digits(
     >>> x_train.shape, x_test.shape
     ((1347, 8, 8, 1), (450, 8, 8, 1))
     """
-    try:
-        test_fraction = float(test_fraction)
-    except (TypeError, ValueError):
-        test_fraction = float("nan")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(
-            "`test_fraction` must be in (0, 1). Received: "
-            f"test_fraction={test_fraction!r}"
-        )
+    test_fraction = check_fraction(test_fraction)
     try:
         from sklearn.datasets import load_digits as sk_load_digits
-        from sklearn.model_selection import train_test_split
     except ImportError as error:  # pragma: no cover - depends on the env
         raise ImportError(
             "keras_seht.data.load_digits needs scikit-learn, which ships the "
@@ -63,6 +54,36 @@ def load_digits(
     bunch = sk_load_digits()
     x = (np.asarray(bunch.images, dtype="float32") / 16.0).reshape(-1, 8, 8, 1)
     y = np.asarray(bunch.target, dtype="int64")
+    return stratified_split(x, y, test_fraction, seed, flatten)
+
+
+def check_fraction(test_fraction: float) -> float:
+    """`test_fraction` as a float in (0, 1), or a ValueError naming it."""
+    try:
+        test_fraction = float(test_fraction)
+    except (TypeError, ValueError):
+        test_fraction = float("nan")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(
+            "`test_fraction` must be in (0, 1). Received: "
+            f"test_fraction={test_fraction!r}"
+        )
+    return test_fraction
+
+
+def stratified_split(
+    x: np.ndarray,
+    y: np.ndarray,
+    test_fraction: float,
+    seed: int,
+    flatten: bool,
+) -> tuple[Split, Split]:
+    """A train/test split stratified by class, fixed by `seed`.
+
+    With `flatten`, the images come back as vectors.
+    """
+    from sklearn.model_selection import train_test_split
+
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )

