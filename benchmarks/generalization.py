@@ -912,17 +912,24 @@ LEGEND = (
 )
 
 
+def _penalized(
+    rows: list[dict[str, Any]], data: str, model: str
+) -> list[dict[str, Any]]:
+    """One data set and model's rows, the baseline's left out."""
+    return [
+        r
+        for r in rows
+        if (r["data"], r["model"]) == (data, model)
+        and r["method"] != "baseline"
+    ]
+
+
 def conclusions(rows: list[dict[str, Any]]) -> list[str]:
     """One sentence per data set and model, derived from the verdicts."""
     sentences = []
     for data in DATA:
         for model in MODELS:
-            cell = [
-                r
-                for r in rows
-                if (r["data"], r["model"]) == (data, model)
-                and r["method"] != "baseline"
-            ]
+            cell = _penalized(rows, data, model)
             if not cell:
                 continue
             parts = []
@@ -999,12 +1006,7 @@ def plot(
     written = []
     for data in DATA:
         for model in MODELS:
-            cell = [
-                r
-                for r in rows
-                if (r["data"], r["model"]) == (data, model)
-                and r["method"] != "baseline"
-            ]
+            cell = _penalized(rows, data, model)
             runs = [
                 r for r in records if (r["data"], r["model"]) == (data, model)
             ]

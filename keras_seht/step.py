@@ -358,9 +358,10 @@ def train_step(run: StepRun, model: SEHTModel) -> Any:
     guard = Guard(finite=finite, update_finite=update_finite)
     if safeguard is None:
         update = gradients
-        loss_gradients = run.loss_gradients(ops.logical_not(update_finite))
-        if parallel:
-            loss_gradients = all_reduce_mean(run, loss_gradients)
+        if not overflow:  # the fallback; a loss-scaling one is NaN instead
+            loss_gradients = run.loss_gradients(ops.logical_not(update_finite))
+            if parallel:
+                loss_gradients = all_reduce_mean(run, loss_gradients)
     else:
         update, guard.factor, guard.bound = bounded_update(
             safeguard, gradients, loss_gradients
