@@ -14,7 +14,9 @@ each method are interleaved (the order rotating each repeat) for
 its steps divided by plain Keras' (SEHT-D's cost depends on which layers
 each step draws, so the mean over many steps is its expected cost; the
 median is reported too). Only ratios are reported: absolute times on a
-shared machine mean nothing.
+shared machine mean nothing. On JAX, a SEHT-D model's compiled step
+variants (`keras_seht.backend.jax.SparseTrainStep`) are all compiled in
+the warm-up, as plain Keras' step is.
 
 Memory: each method runs again in a fresh process: the peak extra memory
 of a few steps over the memory right after the model is built (CUDA:
@@ -62,17 +64,20 @@ METHODS: dict[str, tuple[str, dict[str, Any]] | None] = {
         {"method": "finite_difference", "strength": 1e-3},
     ),
 }
-#: Issue 8's targets for the ResNet (time ratio, CPU).
+#: The ResNet targets (mean time ratio, CPU) of issue 20, on every backend
+#: (the smoothed methods' and SAM's from issues 8 and 21).
 TARGETS = {
-    "SEHT-D(p=0.01)": 1.15,
-    "SEHT-D(p=0.05)": 1.5,
+    "SEHT-D(p=0.01)": 1.7,
+    "SEHT-D(p=0.05)": 2.7,
     "SEHT-H(1)": 4.0,
+    "SEHT-H(5)": 12.0,
     "SEHT-H(1) finite_difference": 3.2,
     "SEHT-H(1) antithetic": 2.2,
-    # Issue 21: two gradients a step.
     "SAM(rho=0.05)": 2.1,
     "ASAM(rho=0.5)": 2.1,
 }
+#: Issue 20's memory target (peak extra memory ratio) for SEHT-H(1).
+MEMORY_TARGETS = {"SEHT-H(1)": 2.5}
 #: The paper's reported step-time ratios (GPU; trace detached there).
 PAPER = {"SEHT-D(p=0.01)": "1.2x", "SEHT-D(p=0.05)": "1.3x-1.5x"}
 MODELS = ("resnet", "lstm")
@@ -155,31 +160,53 @@ def _describe(model_name: str, args: argparse.Namespace) -> str:
 
 def measure_time(
     model_name: str, methods: list[str], args: argparse.Namespace
-) -> dict[str, dict[str, float]]:
-    """Interleaved step times: {method: {mean, median}} ratios to plain."""
+) -> dict[str, dict[str, Any]]:
+    """Interleaved step times: {method: {mean, median}} ratios to plain.
+
+    Under JAX, a SEHT-D method also gets ``variants``: for each compiled
+    step variant, its number of steps and its mean step time over plain
+    Keras' mean.
+    """
     build, batches = _setup(model_name, args)
     models = {m: build(_estimator(m)) for m in methods}
     for m, model in models.items():
         for i in range(args.warmup):
             model.train_on_batch(*batches[i % len(batches)])
+        variants = getattr(model, "seht_sparse_step", None)
+        if variants is not None:
+            # JAX SEHT-D: compile every step variant now, not in a timed
+            # step (train_on_batch passes (x, y, sample_weight)).
+            variants.precompile((*batches[0], None))
         print(f"  warmed up {m}", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {m: [] for m in methods}
     blocks: dict[str, list[float]] = {m: [] for m in methods}
+    # JAX SEHT-D: the step times of each compiled variant.
+    by_variant: dict[str, dict[str, list[float]]] = {}
     for r in range(args.repeats):
         order = methods[r % len(methods) :] + methods[: r % len(methods)]
         for m in order:
+            variants = getattr(models[m], "seht_sparse_step", None)
             start = time.perf_counter()
             for s in range(args.steps):
+                counts = dict(variants.counts) if variants else {}
                 step = time.perf_counter()
                 models[m].train_on_batch(*batches[s % len(batches)])
                 times[m].append(time.perf_counter() - step)
+                if variants:
+                    (name,) = [
+                        k
+                        for k, n in variants.counts.items()
+                        if n != counts.get(k, 0)
+                    ]
+                    by_variant.setdefault(m, {}).setdefault(name, [])
+                    by_variant[m][name].append(times[m][-1])
             blocks[m].append(time.perf_counter() - start)
         print(
             f"  repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True
         )
     plain_mean = statistics.fmean(times["plain"])
     plain_median = statistics.median(times["plain"])
-    return {
+    result: dict[str, dict[str, Any]] = {
         m: {
             "mean": statistics.fmean(times[m]) / plain_mean,
             "median": statistics.median(times[m]) / plain_median,
@@ -187,6 +214,15 @@ def measure_time(
         }
         for m in methods
     }
+    for m, named in by_variant.items():
+        result[m]["variants"] = {
+            name: {
+                "steps": len(steps),
+                "mean": statistics.fmean(steps) / plain_mean,
+            }
+            for name, steps in named.items()
+        }
+    return result
 
 
 def _status_bytes(field: str) -> int:

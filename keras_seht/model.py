@@ -428,6 +428,29 @@ class SEHTTrainer:
             self.check_trainable_weights()
         return step.train_step(seht_backend.get().StepRun(self, *args), self)
 
+    def make_train_function(self, force: bool = False) -> Any:
+        """Keras' train function; under JAX, sparse probes pick a variant.
+
+        On the JAX backend, a compiled SEHT-D step whose estimator leaves
+        layers out runs through `keras_seht.backend.jax.SparseTrainStep`
+        (a few compiled variants chosen per step on the host, each
+        differentiating only the layers its probes can touch); every other
+        case is Keras' own.
+        """
+        if self.train_function is not None and not force:
+            return None
+        dispatch = None
+        if keras.backend.backend() == "jax" and self.seht is not None:
+            from keras_seht.backend import jax as seht_jax
+
+            if seht_jax.sparse_dispatch_applies(self):
+                dispatch = seht_jax.SparseTrainStep(self)
+        object.__setattr__(self, "seht_sparse_step", dispatch)
+        if dispatch is None:
+            return super().make_train_function(force)  # type: ignore[misc]
+        self.train_function = self._make_function(dispatch)  # type: ignore[attr-defined]
+        return None
+
     def check_trainable_weights(self) -> None:
         """Raises ValueError if SEHT is on but nothing is trainable."""
         if not self.trainable_variables:

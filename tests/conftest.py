@@ -28,6 +28,33 @@ from keras_seht.estimators import CurvatureEstimator  # noqa: E402
 SINGLE_BACKEND = os.environ.get("KERAS_SEHT_SINGLE_BACKEND", "torch")
 
 
+def _share_jax_compilations() -> None:
+    """JAX: one compilation cache for the session's identical programs.
+
+    Most of the JAX run's time is XLA compiling small train steps, and
+    many tests build the same model on the same shapes: XLA's persistent
+    cache (in a directory of this session alone, removed at exit) serves
+    those from the first compile (measured on tests/test_training.py: 81
+    of 423 compile requests). The programs, and so the results, are the
+    same.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    import jax
+
+    directory = tempfile.mkdtemp(prefix="keras_seht_jax_cache_")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+if keras.config.backend() == "jax":
+    _share_jax_compilations()
+
+
 def pytest_report_header(config):
     return (
         f"keras backend: {keras.config.backend()}, keras {keras.__version__}"

@@ -42,12 +42,14 @@ layers), which has no forward mode, keeps the forward-over-reverse HVP,
 :math:`H\sigma_k = \texttt{jax.jvp}(\nabla f, (w,), (\sigma_k,))_1`,
 which needs only the custom backward rule (`probe_estimate`).
 
-SEHT-D's probes are dense arrays here (a compiled step has static
-shapes), mostly zeros, so an exact SEHT-D step costs what a SEHT-H one
-does. Skipping the untouched layers at run time would take a
-``jax.lax.cond`` between a full and an output-layer-only branch, and
-XLA:CPU runs a ResNet's gradient about 9x slower inside a conditional
-than outside (measured), which costs more than the branch saves.
+SEHT-D's probes are dense arrays inside one compiled step (static
+shapes), mostly zeros. Skipping the untouched layers at run time would take
+a ``jax.lax.cond``, and XLA:CPU runs a ResNet's gradient about 9x slower
+inside a conditional than outside (measured). So a compiled SEHT-D step
+runs through `SparseTrainStep` instead: the host picks, per step, one of a
+few compiled variants (`keras_seht.variants`) whose forward-mode tangents
+start at the lowest layer the step's probes can touch (``StepRun``'s
+``tangents``; the other variables are closed over, `_restricted`).
 
 State handling mirrors Keras: the plan's random draws come from the
 model's ``seht_seed_generator`` inside a ``keras.StatelessScope`` over the
@@ -61,6 +63,7 @@ inside a ``jax.lax.cond``, only when it is needed.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -69,7 +72,7 @@ import jax.numpy as jnp
 import keras
 
 from keras_seht import _keras_compat as compat
-from keras_seht import functional, output_split, step
+from keras_seht import functional, output_split, step, variants
 from keras_seht.context import StepPlan
 from keras_seht.penalties import flatten_outputs, float_inputs
 
@@ -110,6 +113,49 @@ def _loss_scale(model: keras.Model, optimizer_values: Sequence[Any]) -> Any:
     return jnp.asarray(scale, "float32")
 
 
+def _restricted(
+    fn: Callable[[list[Any]], Any],
+    trainable_values: list[Any],
+    probes: list[Any],
+) -> tuple[Callable[[list[Any]], Any], list[Any], list[Any]]:
+    """`fn` as a function of the probed variables alone.
+
+    A None entry of `probes` is a probe that is zero on that variable
+    (SEHT-D's undrawn layers, `SparseTrainStep`). Returns ``(fn_S, w_S,
+    probes_S)`` with ``fn_S(w_S) = fn(w)`` where ``w_S`` are the values of
+    the variables with a probe: a forward-mode pass of ``fn_S`` carries
+    tangents only from the first probed layer on, exactly the directional
+    derivatives of ``fn`` along the probes (zero elsewhere). The other
+    values are closed over, so an outer derivative still reaches them.
+    """
+    indices = [i for i, p in enumerate(probes) if p is not None]
+    if len(indices) == len(probes):
+        return fn, list(trainable_values), list(probes)
+
+    def fn_s(w_s: list[Any]) -> Any:
+        full = list(trainable_values)
+        for i, value in zip(indices, w_s):
+            full[i] = value
+        return fn(full)
+
+    return (
+        fn_s,
+        [trainable_values[i] for i in indices],
+        [probes[i] for i in indices],
+    )
+
+
+def _dense(probes: list[Any], trainable_values: list[Any]) -> list[Any]:
+    """Stacked probes with zeros for the None (zero) entries."""
+    count = next((int(p.shape[0]) for p in probes if p is not None), 1)
+    return [
+        jnp.zeros((count, *jnp.shape(v)), jnp.asarray(v).dtype)
+        if p is None
+        else p
+        for p, v in zip(probes, trainable_values)
+    ]
+
+
 def curvature_estimate(
     fn: Callable[[list[Any]], tuple[Any, Any]],
     trainable_values: list[Any],
@@ -125,26 +171,29 @@ def curvature_estimate(
     Args:
         fn: ``w -> (f(w), aux)``, a pure function of the trainable values.
         trainable_values: The point ``w``.
-        probes: One array per variable, each with a leading probe axis.
+        probes: One array per variable, each with a leading probe axis;
+            None where every probe is zero (only the other variables then
+            carry tangents, `_restricted`).
 
     Returns:
         ``t = mean_k sigma_k^T H sigma_k`` (differentiable in ``w``) and
         ``(f(w), aux)`` (also differentiable: the primal computation).
     """
+    fn, point, probes = _restricted(fn, trainable_values, probes)
+    if not probes:  # sigma = 0: t = 0, and the plain forward pass
+        return jnp.zeros((), "float32"), fn(point)
 
     def second(sigma: list[Any]) -> tuple[Any, Any]:
         def first(w: list[Any]) -> tuple[Any, Any]:
             value, slope, aux = jax.jvp(fn, (w,), (sigma,), has_aux=True)
             return slope, (value, aux)
 
-        _, curvature, primal = jax.jvp(
-            first, (trainable_values,), (sigma,), has_aux=True
-        )
+        _, curvature, primal = jax.jvp(first, (point,), (sigma,), has_aux=True)
         return curvature, primal
 
     # A loop, not a vmap: XLA:CPU ran five vmapped probes on a ResNet 2.8x
     # slower than five unrolled ones (measured).
-    count = int(probes[0].shape[0]) if probes else 1
+    count = int(probes[0].shape[0])
     curvature, primal = second([p[0] for p in probes])
     curvatures = [curvature]
     for k in range(1, count):
@@ -202,7 +251,8 @@ def gauss_newton_estimate(
         fn: ``w -> (f(w), extra)`` with the model outputs at
             ``extra[0][1]`` (the aux of ``compute_loss_and_updates``).
         trainable_values: The point ``w``.
-        probes: One array per variable, each with a leading probe axis.
+        probes: One array per variable, each with a leading probe axis;
+            None where every probe is zero (`_restricted`).
         output_loss: ``(z, reference) -> loss`` as a function of the model
             outputs z, around the outputs `reference` (held constant in z).
 
@@ -215,6 +265,9 @@ def gauss_newton_estimate(
     `output_loss` in output space, around the outputs themselves (so that
     H_z stays differentiable in w; see `keras_seht.output_split`).
     """
+    fn, point, probes = _restricted(fn, trainable_values, probes)
+    if not probes:  # sigma = 0: t = 0, and the plain forward pass
+        return jnp.zeros((), "float32"), fn(point)
 
     def primal(w: list[Any]) -> tuple[Any, Any]:
         value, extra = fn(w)
@@ -222,7 +275,7 @@ def gauss_newton_estimate(
 
     def jvp_one(sigma: list[Any]) -> tuple[Any, Any, Any]:
         primals, tangents, extra = jax.jvp(
-            primal, (trainable_values,), (sigma,), has_aux=True
+            primal, (point,), (sigma,), has_aux=True
         )
         return primals, extra, tangents[1]
 
@@ -290,7 +343,7 @@ class _Context:
             )
         elif run.exact_hessian:  # the loss gradient comes with the HVPs
             self._t, (scaled_loss, self._grads, extra) = probe_estimate(
-                run.base_fn, w, probes
+                run.base_fn, w, _dense(probes, w)
             )
         elif probes and plan.epsilon is None:
             self._t, (scaled_loss, extra) = gauss_newton_estimate(
@@ -346,7 +399,7 @@ class _Context:
         # The losses at w +- e sigma_k, run with the step's non-trainable
         # values (same Dropout masks); their state updates are dropped.
         plan, run = self._plan, self._run
-        probes = run.stacked_probes or []
+        probes = _dense(run.stacked_probes or [], self._w)
         epsilon = float(plan.epsilon or 0.0)
         count = len(plan.probes or [])
         total = 0.0
@@ -368,12 +421,22 @@ class StepRun:
         model: The compiled keras-seht model.
         state: ``(trainable, non_trainable, optimizer, metrics)`` values.
         data: One batch, ``(x, y, sample_weight)`` or a prefix of it.
+        tangents: The indices of the trainable variables the probes may
+            touch (`SparseTrainStep`); the probes are certainly zero on
+            the others, which then carry no tangent. None: all of them.
     """
 
     sparse_probes = False
 
-    def __init__(self, model: keras.Model, state: State, data: Any) -> None:
+    def __init__(
+        self,
+        model: keras.Model,
+        state: State,
+        data: Any,
+        tangents: frozenset[int] | None = None,
+    ) -> None:
         self.model = model
+        self.tangents = tangents
         (
             self.trainable_values,
             self.non_trainable_values,
@@ -497,7 +560,11 @@ class StepRun:
         if plan.probes is not None:
             dtypes = [jnp.asarray(v).dtype for v in w]
             self.stacked_probes = [
-                jnp.stack([jnp.asarray(p[i], dtypes[i]) for p in plan.probes])
+                None
+                if self.tangents is not None and i not in self.tangents
+                else jnp.stack(
+                    [jnp.asarray(p[i], dtypes[i]) for p in plan.probes]
+                )
                 for i in range(len(w))
             ]
         self.exact_hessian = (
@@ -628,6 +695,156 @@ class StepRun:
             optimizer_values,
             metrics_values,
         )
+
+
+# --------------------------------------------------------------------------
+# Sparse probes in a compiled step: a few step variants, chosen on the host
+# --------------------------------------------------------------------------
+
+_logger = logging.getLogger("keras_seht")
+
+
+def probe_support(model: keras.Model, state: State, data: Any) -> jax.Array:
+    """Which trainable variables the step's probes touch (a bool vector).
+
+    Runs the step's plan (`keras_seht.step.plan_step`) on the same seed
+    state as the step itself will, so its draws are the step's: entry i is
+    True where some probe is nonzero on variable i. Compiled, everything
+    but the probes' draws is dead code.
+    """
+    run = StepRun(model, state, data)
+    penalties = model.seht_penalties
+    plan, _ = _draw(
+        model,
+        run.non_trainable_values,
+        lambda: step.plan_step(model, penalties, run, run._output_shape),
+    )
+    count = len(run.trainable_values)
+    if plan.probes is None:
+        return jnp.ones((count,), bool)
+    return jnp.stack(
+        [
+            jnp.any(jnp.stack([jnp.any(p[i] != 0) for p in plan.probes]))
+            for i in range(count)
+        ]
+    )
+
+
+def sparse_dispatch_applies(model: keras.Model) -> bool:
+    """Whether `SparseTrainStep` runs the model's compiled train step.
+
+    Where the step's probes leave layers out (`keras_seht.variants`), and
+    the step is compiled on one program without a ``keras.distribution``.
+    """
+    if model.run_eagerly or not model.jit_compile:
+        return False
+    if keras.distribution.distribution() is not None:
+        return False
+    return variants.sparse_layers(model.seht_penalties, model.seht_layout)
+
+
+def _state_copy(variables: Sequence[Sequence[Any]]) -> State:
+    """Fresh copies of the variables' values, as a step's state."""
+    copies = [[jnp.array(v.value, copy=True) for v in vs] for vs in variables]
+    return tuple(copies)  # type: ignore[return-value]
+
+
+class SparseTrainStep:
+    r"""The compiled train step for sparse probes (SEHT-D): a few variants.
+
+    In one compiled program every SEHT-D step would cost a SEHT-H step:
+    the probes are dense arrays, mostly zeros, and skipping the untouched
+    layers at run time would take a ``jax.lax.cond``, in which XLA:CPU
+    ran a ResNet's gradient about 9x slower (measured). Instead, before
+    each step a small compiled function (`probe_support`) draws the
+    step's probes from the same seed state as the step will and reports
+    on the host which variables they touch; the step then runs in the
+    variant compiled for that support (`keras_seht.variants`): forward-mode
+    tangents start at the first layer of its bucket (at the output layer
+    when no hidden layer is drawn), so a variant differentiates
+    :math:`t` only through the layers above. The probes, and so every
+    value and update, are the one-program step's (to float round-off):
+    each variant is exact, since the probes are zero outside its tangent
+    set.
+
+    At most ``keras_seht.variants.MAX_HIDDEN_VARIANTS + 1`` variants are
+    compiled (+ 1 where the output layer may go unprobed), each on first
+    use (logged on the ``keras_seht`` logger, with its compile time);
+    their names and use counts are in `counts`.
+
+    Args:
+        model: The compiled keras-seht model.
+    """
+
+    def __init__(self, model: keras.Model) -> None:
+        self._model_ref = _weak(model)
+        self._support = jax.jit(
+            lambda state, data: probe_support(self._model_ref(), state, data)
+        )
+        self._variants: dict[frozenset[int], Callable[..., Any]] = {}
+        self.counts: dict[str, int] = {}
+
+    def _variant(self, tangents: frozenset[int]) -> Callable[..., Any]:
+        model_ref = self._model_ref
+
+        def train_step(state: State, data: Any) -> Any:
+            model = model_ref()
+            model.check_trainable_weights()
+            return step.train_step(StepRun(model, state, data, tangents), model)
+
+        return jax.jit(train_step, donate_argnums=0)
+
+    def _function(self, name: str, tangents: frozenset[int]) -> Any:
+        """The variant for `tangents`, made (and logged) on first use."""
+        function = self._variants.get(tangents)
+        if function is None:
+            _logger.info(
+                "keras_seht: compiling the JAX train step for probes on "
+                "%s (%d of at most %d variants).",
+                name,
+                len(self._variants) + 1,
+                len(self.variants()),
+            )
+            function = self._variants[tangents] = self._variant(tangents)
+        return function
+
+    def variants(self) -> list[tuple[str, frozenset[int]]]:
+        """Every variant the model can run: ``(name, tangents)``."""
+        model = self._model_ref()
+        return variants.all_variants(model.seht_penalties, model.seht_layout)
+
+    def precompile(self, data: Any) -> None:
+        """Compiles every variant for batches shaped like `data`.
+
+        E.g. to keep compile time out of a benchmark's timed steps: each
+        variant runs once on a copy of the model's state (the jit cache is
+        filled by calls), whose result is discarded; the model, its
+        optimizer and `counts` are left as they were. The model and its
+        optimizer must be built (train one batch first).
+
+        Args:
+            data: One batch, ``(x, y)`` or ``(x, y, sample_weight)``.
+        """
+        model = self._model_ref()
+        variables = (
+            model.trainable_variables,
+            model.non_trainable_variables,
+            model.optimizer.variables,
+            model.metrics_variables,
+        )
+        data = tuple(data)
+        jax.block_until_ready(self._support(_state_copy(variables), data))
+        for name, tangents in self.variants():
+            function = self._function(name, tangents)
+            jax.block_until_ready(function(_state_copy(variables), data))
+
+    def __call__(self, state: State, data: Any) -> Any:
+        """One step: ``(logs, state)`` from ``(state, data)``."""
+        layout = self._model_ref().seht_layout
+        support = jax.device_get(self._support(state, data))
+        name, tangents = variants.variant_of(layout, support)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return self._function(name, tangents)(state, data)
 
 
 #: Each setting of a multi-process run under Keras' variable name
