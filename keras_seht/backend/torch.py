@@ -1,13 +1,18 @@
 """SEHT autodiff on the PyTorch backend: the step's primitives.
 
 The step's logic lives in `keras_seht.step`; this module gives it eager
-PyTorch autodiff. One forward pass, one graph-building backward for
-g = dL/dw over the variables a penalty reads it for (with a SEHT-D probe,
-only the drawn layers: autograd prunes everything below the first), an
-HVP h = d(g . sigma)/dw per probe, and ONE backward of
-s L + sum_j strength_j phi_j(s R_j) for the update: the loss's share
-rides along the penalties' (they meet at the same activations), and the
-loss gradient g is never recomputed.
+PyTorch autodiff. An exact Hessian quadratic form t = sigma^T H sigma is
+taken forward over forward where the model allows (`_TaylorForward`: a
+functional model of layers with Taylor rules, or stateless ones): one
+forward pass carries each tensor's second-order Taylor coefficients along
+the probes, and ONE backward of s L + sum_j strength_j phi_j(s R_j) gives
+the update. Otherwise (and for the Gauss-Newton form) one forward pass,
+one graph-building backward for g = dL/dw over the variables a penalty
+reads it for (with a SEHT-D probe, only the drawn layers: autograd prunes
+everything below the first), an HVP h = d(g . sigma)/dw per probe, and
+ONE backward of the objective: the loss's share rides along the
+penalties' (they meet at the same activations), and the loss gradient g
+is never recomputed.
 
 With a loss-scaling optimizer (``LossScaleOptimizer`` under
 ``mixed_float16``, or ``loss_scale_factor``) the scaled loss s * L is
@@ -19,7 +24,9 @@ unscales the update, and the step divides the logged values by s.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
+import weakref
 from typing import Any, Callable, Sequence
 
 import keras
@@ -215,6 +222,778 @@ def _perturbed_losses(
     return _KnownGradient.apply(value, *params, *gradients)
 
 
+# --------------------------------------------------------------------------
+# Forward over forward: t by second-order Taylor propagation
+# --------------------------------------------------------------------------
+
+
+class _Unsupported(Exception):
+    """A layer or model the Taylor forward pass has no rule for."""
+
+
+class _Jet:
+    r"""A tensor's second-order Taylor coefficients along K probes.
+
+    For the forward pass :math:`x(w)` and probes :math:`\sigma_k`,
+    ``data`` stacks along the batch axis (B rows each) :math:`x`, the
+    first derivatives :math:`x'_k = \frac{d}{d\epsilon} x(w +
+    \epsilon\sigma_k)|_0` (k = 1..K), then the sum of the second ones,
+    :math:`x'' = \sum_k \frac{d^2}{d\epsilon^2} x(w +
+    \epsilon\sigma_k)|_0`. One sum suffices: every layer's second
+    coefficient is linear in its input's (:math:`y''_k = J x''_k +
+    Q(x'_k, \sigma_k)`), and so is the loss's, whose sum over the probes
+    is :math:`K t`. ``probes`` is K, or 0 for a tensor the probes do not
+    reach yet (``data`` is then :math:`x` alone). Stacking lets a layer
+    that is linear in its input (a convolution with its kernel fixed, a
+    pooling) run once over every coefficient.
+    """
+
+    __slots__ = ("data", "probes", "rows", "_parts")
+
+    def __init__(self, data: torch.Tensor, probes: int, rows: int) -> None:
+        self.data, self.probes, self.rows = data, probes, rows
+        self._parts: tuple[torch.Tensor, ...] | None = None
+
+    def blocks(self) -> torch.Tensor:
+        """``data`` as (K + 2, B, ...)."""
+        return self.data.view(self.probes + 2, self.rows, *self.shape)
+
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, x', x''), shaped (B, ...), (K, B, ...), (B, ...).
+
+        One ``torch.split`` for every use: its backward concatenates the
+        parts' gradients, where each slice of ``data`` would write its
+        own full-size gradient of zeros.
+        """
+        if self._parts is None:
+            x, first, second = torch.split(self.blocks(), [1, self.probes, 1])
+            self._parts = (x[0], first, second[0])
+        x, first, second = self._parts
+        return x, first, second
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one row."""
+        return tuple(self.data.shape[1:])
+
+    @property
+    def primal(self) -> torch.Tensor:
+        """The tensor x itself."""
+        if self.probes == 0:
+            return self.data
+        return self.parts()[0]
+
+    def with_probes(self, count: int) -> _Jet:
+        """This jet with `count` probes.
+
+        Zero coefficients where it had none.
+        """
+        if self.probes == count:
+            return self
+        zeros = self.data.new_zeros(((count + 1) * self.rows, *self.shape))
+        return _Jet(torch.cat([self.data, zeros]), count, self.rows)
+
+
+def _training(operation: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` with ``training=True`` where the operation takes it.
+
+    As ``Functional.call`` passes it.
+    """
+    if "training" in getattr(operation, "_call_context_args", ()):
+        return {**kwargs, "training": True}
+    return kwargs
+
+
+def _cast(jet: _Jet, dtype: str) -> _Jet:
+    """A float jet in `dtype`, as ``Layer.__call__`` casts its inputs."""
+    target = getattr(torch, dtype)
+    if not jet.data.is_floating_point() or jet.data.dtype == target:
+        return jet
+    return _Jet(jet.data.to(target), jet.probes, jet.rows)
+
+
+def _channels_last_conv(
+    layer: Any,
+) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None:
+    """(prepare, apply) of a channels_last Conv layer's convolution.
+
+    ``convolution_op`` (Keras' torch ``conv``) copies its input twice,
+    to channels-first and back to the channels-last memory format, and
+    the convolution saves that copy for its backward pass; for the stack
+    of Taylor coefficients and its slices this makes a copy per product.
+    Here ``prepare`` views the stack as channels-first (a permutation of
+    the same memory, already channels-last in torch's terms) and pads it
+    once, as Keras does, and ``apply`` convolves it or a batch slice of
+    it; the output is the channels_last view of torch's, as Keras'.
+    None where Keras' helpers are not found (``convolution_op`` then).
+    """
+    if layer.data_format != "channels_last" or layer.rank not in (1, 2, 3):
+        return None
+    try:
+        from keras.src.backend.torch import nn as keras_nn
+
+        same_padding = keras_nn._apply_same_padding
+        transpose_kernel = keras_nn._transpose_conv_kernel
+        channels_last = keras_nn._maybe_convert_to_channels_last
+    except (ImportError, AttributeError):
+        return None
+    rank = layer.rank
+    to_first = (0, rank + 1, *range(1, rank + 1))
+    to_last = (0, *range(2, rank + 2), 1)
+    conv = getattr(torch.nn.functional, f"conv{rank}d")
+    padding: list[Any] = [0]
+
+    def prepare(data: torch.Tensor) -> torch.Tensor:
+        inputs = data.permute(to_first)
+        if layer.padding == "same":
+            inputs, padding[0] = same_padding(
+                inputs,
+                layer.kernel_size,
+                layer.strides,
+                layer.data_format,
+                "conv",
+                layer.dilation_rate,
+            )
+        return channels_last(inputs)
+
+    def apply(inputs: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        out = conv(
+            inputs,
+            channels_last(transpose_kernel(kernel)),
+            stride=layer.strides,
+            padding=padding[0],
+            dilation=layer.dilation_rate,
+            groups=layer.groups,
+        )
+        return out.permute(to_last)
+
+    return prepare, apply
+
+
+def _stack(blocks: Sequence[torch.Tensor], probes: int, rows: int) -> _Jet:
+    return _Jet(torch.cat(list(blocks)), probes, rows)
+
+
+def _nested_jvp(
+    fn: Callable[..., Any],
+    primals: tuple[torch.Tensor, ...],
+    first: tuple[torch.Tensor, ...],
+    second: tuple[torch.Tensor, ...],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    r"""(y, y', y'') of ``y = fn(*p)`` at the curve p + e p' + e^2/2 p''.
+
+    The outer ``torch.func.jvp`` differentiates the inner one's
+    :math:`(y, J p')` along :math:`(p', p'')`: its tangent of
+    :math:`J p'` is :math:`D^2 y[p', p'] + J p''`, the second derivative
+    of :math:`y` along the curve. Exact for any function with forward-mode
+    derivatives (the rule of layers without a specific one).
+    """
+
+    def inner(p: tuple, u: tuple) -> Any:
+        return torch.func.jvp(fn, p, u)
+
+    outer: Any = torch.func.jvp(inner, (primals, first), (first, second))
+    (y, y1), (_, y2) = outer
+    flat = keras.tree.flatten
+    return flat(y), flat(y1), flat(y2)
+
+
+class _TaylorForward:
+    r"""The forward pass of a functional model, in second-order Taylor mode.
+
+    Every tensor of the graph becomes a `_Jet` along the probes; with the
+    loss's coefficients,
+
+    .. math::
+
+        \sigma_k^\top H \sigma_k = \frac{d^2}{d\epsilon^2}
+            f(w + \epsilon\sigma_k)\Big|_{\epsilon=0} = f''_k,
+
+    the two nested forward-mode derivatives of the JAX step
+    (``keras_seht.backend.jax.curvature_estimate``), propagated layer by
+    layer: Conv, Dense, BatchNormalization (training), ReLU, Dropout, Add
+    and linear per-sample layers (pooling, reshapes) by closed-form rules that
+    share one kernel call among the coefficients, any other stateless
+    layer by nested ``torch.func.jvp`` (`_nested_jvp`). The coefficients
+    are ordinary tensors of the weights, so ONE reverse pass of
+    :math:`f + \text{strength}\,t` then gives the update (a third-order
+    derivative of :math:`f`), where the reverse-over-reverse step needs a
+    graph-building gradient, an HVP and a backward through both.
+
+    A layer the probes have not reached yet (no tangents in, none on its
+    weights) runs as in a plain forward pass, so SEHT-D's probe of the
+    output layer costs a plain forward pass and a small tail.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        params: Sequence[torch.Tensor],
+        probes: Sequence[Sequence[torch.Tensor | None]],
+    ) -> None:
+        self.model, self.count = model, len(probes)
+        self._sigma: dict[int, list[torch.Tensor]] = {}
+        for i, variable in enumerate(model.trainable_variables):
+            column = [probe[i] for probe in probes]
+            if all(s is None for s in column):
+                continue
+            self._sigma[id(variable)] = [
+                torch.zeros_like(params[i]) if s is None else s.detach()
+                for s in column
+            ]
+        self._rule_table = self._rules()
+
+    def tangents(self, variable: Any) -> list[torch.Tensor] | None:
+        """sigma_k of `variable` (None where every probe is zero there)."""
+        if variable is None:
+            return None
+        return self._sigma.get(id(variable))
+
+    # -- running the graph ------------------------------------------------
+
+    def outputs(self, x: Any) -> Any:
+        """The model's outputs at `x`, as jets (a structure like y_pred)."""
+        model = self.model
+        functional_type = compat.functional_class()
+        graph = model
+        if not isinstance(model, functional_type):
+            graph = getattr(model, "_functional", None)
+            if not isinstance(model, keras.Sequential) or graph is None:
+                raise _Unsupported("not a functional model")
+            if type(model).call is not keras.Sequential.call:
+                raise _Unsupported("Sequential.call overridden")
+        elif type(model).call is not functional_type.call:
+            raise _Unsupported("Functional.call overridden")
+        inputs = graph._standardize_inputs(x)
+        jets = [_Jet(t, 0, int(t.shape[0])) for t in inputs]
+        outputs = self._run_through_graph(graph, jets)
+        if not all(isinstance(j, _Jet) for j in keras.tree.flatten(outputs)):
+            raise _Unsupported("an output that is not a tensor")
+        return outputs
+
+    def _run_through_graph(self, graph: Any, inputs: list[_Jet]) -> Any:
+        """``Functional._run_through_graph`` with each node's `_rule`.
+
+        Keras' keeps every tensor of the graph until the end of the pass;
+        this one drops a jet after its last use, so that a stack the
+        reverse pass does not save (a convolution's output, say) is freed
+        at once: the forward pass's peak memory is then about what the
+        reverse pass saves.
+        """
+        nodes = [
+            node
+            for depth in sorted(graph._nodes_by_depth, reverse=True)
+            for node in graph._nodes_by_depth[depth]
+            if node.operation and not node.is_input
+        ]
+        uses: dict[int, int] = {}
+        for x in [t for n in nodes for t in n.input_tensors] + list(
+            graph.outputs
+        ):
+            uses[id(x)] = uses.get(id(x), 0) + 1
+        values: dict[int, Any] = {
+            id(x): y for x, y in zip(graph.inputs, inputs)
+        }
+        for node in nodes:
+            if any(id(x) not in values for x in node.input_tensors):
+                continue  # not computable from these inputs
+            args, kwargs = node.arguments.fill_in(values)
+            for x in node.input_tensors:
+                uses[id(x)] -= 1
+                if uses[id(x)] == 0:
+                    del values[id(x)]
+            outputs = self._rule(node.operation)(*args, **kwargs)
+            del args, kwargs
+            for x, y in zip(node.outputs, keras.tree.flatten(outputs)):
+                values[id(x)] = y
+        missing = [x for x in graph.outputs if id(x) not in values]
+        if missing:
+            raise _Unsupported("an output not connected to the inputs")
+        return keras.tree.pack_sequence_as(
+            graph._outputs_struct, [values[id(x)] for x in graph.outputs]
+        )
+
+    def _rule(self, operation: Any) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            jets = [
+                j
+                for j in keras.tree.flatten((args, kwargs))
+                if isinstance(j, _Jet)
+            ]
+            weights = list(getattr(operation, "trainable_variables", []))
+            probed = any(self.tangents(v) is not None for v in weights)
+            if not probed and all(j.probes == 0 for j in jets):
+                return self._plain(operation, args, kwargs)
+            if kwargs.get("mask") is not None:
+                raise _Unsupported("masks")
+            rule = self._rule_table.get(type(operation))
+            if rule is not None and len(args) == 1 and len(jets) == 1:
+                out = rule(operation, _cast(jets[0], operation.compute_dtype))
+                if out is not None:
+                    return out
+            if type(operation) is keras.layers.Add and len(jets) > 1:
+                return self._add(jets)
+            return self._generic(operation, args, kwargs, weights)
+
+        return call
+
+    def _plain(self, operation: Any, args: Any, kwargs: Any) -> Any:
+        """A layer the probes have not reached: its plain (stateful) call."""
+        args, kwargs = keras.tree.map_structure(
+            lambda a: a.data if isinstance(a, _Jet) else a, (args, kwargs)
+        )
+        out = operation(*args, **_training(operation, kwargs))
+        return keras.tree.map_structure(
+            lambda t: _Jet(t, 0, int(t.shape[0])), out
+        )
+
+    def _rules(self) -> dict[type, Callable[[Any, _Jet], _Jet | None]]:
+        layers = keras.layers
+        rules: dict[type, Callable[[Any, _Jet], _Jet | None]] = {
+            layers.Conv1D: self._conv,
+            layers.Conv2D: self._conv,
+            layers.Conv3D: self._conv,
+            layers.Dense: self._dense,
+            layers.BatchNormalization: self._batch_norm,
+            layers.ReLU: self._relu_layer,
+            layers.Dropout: self._dropout,
+            layers.Activation: lambda op, x: self._activation(op.activation, x),
+        }
+        for linear in (
+            layers.AveragePooling1D,
+            layers.AveragePooling2D,
+            layers.AveragePooling3D,
+            layers.GlobalAveragePooling1D,
+            layers.GlobalAveragePooling2D,
+            layers.GlobalAveragePooling3D,
+            layers.Flatten,
+            layers.Reshape,
+            layers.Permute,
+            layers.ZeroPadding1D,
+            layers.ZeroPadding2D,
+            layers.ZeroPadding3D,
+            layers.Cropping1D,
+            layers.Cropping2D,
+            layers.Cropping3D,
+            layers.Identity,
+        ):
+            rules[linear] = self._linear
+        return rules
+
+    # -- the rules ----------------------------------------------------------
+
+    def _linear(self, layer: Any, x: _Jet) -> _Jet | None:
+        """A per-sample layer linear in its input: once over every block."""
+        if layer.trainable_variables or layer.non_trainable_variables:
+            return None
+        return _Jet(layer(x.data), x.probes, x.rows)
+
+    def _affine(
+        self,
+        layer: Any,
+        x: _Jet,
+        apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        bias_shape: tuple[int, ...],
+        prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> _Jet | None:
+        r"""Y = a(A(x; W) + b) for A bilinear in (x, W) (conv, matmul).
+
+        With :math:`W'_k = \sigma_{W,k}`, :math:`W'' = 0`: :math:`z'_k =
+        A(x'_k, W) + A(x, \sigma_{W,k}) + \sigma_{b,k}`, :math:`z'' =
+        A(x'', W) + 2 \sum_k A(x'_k, \sigma_{W,k})`. ``apply(p, W)``
+        takes ``prepare(x)`` (the stack, or a batch slice of it): the
+        products then share its one copy.
+        """
+        if getattr(layer, "lora_enabled", False) or getattr(
+            layer, "quantization_mode", None
+        ):
+            return None
+        variable = layer._kernel
+        count = self.count
+        s_kernel = self.tangents(variable)
+        data = x.data if prepare is None else prepare(x.data)
+        z = apply(data, variable.value)
+        if x.probes == 0:  # the first probed layer: x' = x'' = 0
+            blocks = [z]
+            if s_kernel is not None:
+                blocks += [apply(data, sigma) for sigma in s_kernel]
+            else:
+                blocks += [torch.zeros_like(z)] * count
+            blocks.append(torch.zeros_like(z))
+            return self._bias_activation(layer, blocks, bias_shape)
+        blocks = list(z.view(count + 2, x.rows, *z.shape[1:]).unbind(0))
+        if s_kernel is not None:
+            x0, *first = torch.split(data, x.rows)[: count + 1]
+            curvature = None
+            for k, sigma in enumerate(s_kernel):
+                blocks[1 + k] = blocks[1 + k] + apply(x0, sigma)
+                term = apply(first[k], sigma)
+                curvature = term if curvature is None else curvature + term
+            assert curvature is not None
+            blocks[-1] = blocks[-1] + 2 * curvature
+        return self._bias_activation(layer, blocks, bias_shape)
+
+    def _bias_activation(
+        self, layer: Any, blocks: list[torch.Tensor], bias_shape: tuple
+    ) -> _Jet | None:
+        """The activation of z + b from z's blocks (sigma_b in z'_k)."""
+        bias, count = layer.bias, self.count
+        if bias is not None:
+            blocks[0] = blocks[0] + bias.value.reshape(bias_shape)
+            s_bias = self.tangents(bias)
+            if s_bias is not None:
+                for k, sigma in enumerate(s_bias):
+                    blocks[1 + k] = blocks[1 + k] + sigma.reshape(bias_shape)
+        rows = int(blocks[0].shape[0])
+        return self._activation(layer.activation, _stack(blocks, count, rows))
+
+    def _conv(self, layer: Any, x: _Jet) -> _Jet | None:
+        if type(layer).call is not keras.layers.Conv2D.call:
+            return None  # Conv1D's causal padding
+        if layer.data_format == "channels_last":
+            shape = (1,) * (layer.rank + 1) + (layer.filters,)
+        else:
+            shape = (1, layer.filters) + (1,) * layer.rank
+        parts = _channels_last_conv(layer)
+        if parts is None:
+            return self._affine(layer, x, layer.convolution_op, shape)
+        return self._affine(layer, x, parts[1], shape, prepare=parts[0])
+
+    def _dense(self, layer: Any, x: _Jet) -> _Jet | None:
+        return self._affine(layer, x, keras.ops.matmul, (layer.units,))
+
+    def _relu_layer(self, layer: Any, x: _Jet) -> _Jet | None:
+        if (
+            layer.max_value is not None
+            or layer.negative_slope
+            or layer.threshold
+        ):
+            return None
+        return self._relu(x)
+
+    def _relu(self, x: _Jet) -> _Jet:
+        """The derivative of relu is the mask x > 0; its second one is 0."""
+        if x.probes == 0:
+            return _Jet(torch.relu(x.data), 0, x.rows)
+        blocks = x.blocks()
+        out = blocks * (x.primal > 0)  # saves the boolean mask alone
+        return _Jet(out.view(x.data.shape), x.probes, x.rows)
+
+    def _dropout(self, layer: Any, x: _Jet) -> _Jet:
+        """Dropout in training mode: one mask for every coefficient.
+
+        The layer drawing its (scaled) mask from ones makes the step's one
+        draw from its seed, as a plain step's call does.
+        """
+        if layer.rate <= 0:
+            return x
+        mask = layer(torch.ones_like(x.primal), training=True)
+        out = x.blocks() * mask  # saves the mask alone
+        return _Jet(out.view(x.data.shape), x.probes, x.rows)
+
+    def _activation(self, fn: Any, x: _Jet) -> _Jet | None:
+        r"""An activation function a of x, coefficient by coefficient.
+
+        :math:`y'_k = a'(x) x'_k`, :math:`y'' = a'(x) x'' + a''(x) \sum_k
+        x_k'^2`: in closed form for linear, relu, tanh and sigmoid, else
+        by `_generic_function`.
+        """
+        activations = keras.activations
+        if fn is None or fn is activations.linear:
+            return x
+        if fn is activations.relu:
+            return self._relu(x)
+        if x.probes == 0:
+            return _Jet(fn(x.data), 0, x.rows)
+        if fn not in (activations.tanh, activations.sigmoid):
+            return self._generic_function(fn, x)
+        x0, first, second = x.parts()
+        y = fn(x0)
+        if fn is activations.tanh:
+            slope = 1 - y * y
+            curve = -2 * y * slope
+        else:
+            slope = y * (1 - y)
+            curve = slope * (1 - 2 * y)
+        squares = torch.sum(first * first, dim=0)
+        out = [y[None], slope * first, (slope * second + curve * squares)[None]]
+        return _Jet(torch.cat(out).view(x.data.shape), x.probes, x.rows)
+
+    def _batch_norm(self, layer: Any, x: _Jet) -> _Jet | None:
+        r"""BatchNormalization in training mode, with its batch moments.
+
+        With :math:`c = x - \bar x` (means over the batch and spatial
+        axes, each coefficient's own), :math:`v = \overline{c^2}`,
+        :math:`r = (v + \varepsilon)^{-1/2}`: :math:`v'_k = 2
+        \overline{c c'_k}`, :math:`\sum_k v''_k = 2 \overline{\sum_k
+        c_k'^2 + c c''}`, :math:`r'_k = -\frac12 r^3 v'_k`, :math:`\sum_k
+        r''_k = \frac34 r^5 \sum_k v_k'^2 - \frac12 r^3 \sum_k v''_k`,
+        and :math:`y = \gamma c r + \beta` gives :math:`y'_k = \gamma
+        (c'_k r + c r'_k) + \sigma_{\gamma,k} c r + \sigma_{\beta,k}`,
+        :math:`y'' = \gamma (c'' r + \sum_k (2 c'_k r'_k + c r''_k)) + 2
+        \sum_k \sigma_{\gamma,k} (c'_k r + c r'_k)`. The moving statistics
+        advance from :math:`x` alone, as Keras' own call does.
+        """
+        if (
+            getattr(layer, "renorm", False)
+            or getattr(layer, "synchronized", False)
+            or not layer.trainable
+            or layer.compute_dtype not in ("float32", "float64")
+            or x.data.dtype != getattr(torch, layer.compute_dtype)
+        ):
+            return None
+        count, rows = self.count, x.rows
+        x = x.with_probes(count)
+        axis = layer.axis % (len(x.shape) + 1)
+        blocks = x.blocks()  # (S, B, ...): the row axis is 1, `axis` + 1
+        dims = [d for d in range(1, blocks.dim()) if d != axis + 1]
+        shape = [1] * blocks.dim()
+        shape[axis + 1] = blocks.shape[axis + 1]
+        mean = torch.mean(blocks, dim=dims, keepdim=True)
+        centred = blocks - mean
+        c0, c1, c2 = _Jet(centred.view(x.data.shape), count, rows).parts()
+        # The value of Keras' moments, E[x^2] - E[x]^2 (so the step's loss
+        # and moving statistics are a plain step's), with the derivatives
+        # of the equal E[c^2], which save c alone (saved anyway).
+        inner = [d - 1 for d in dims]
+        variance = torch.mean(c0 * c0, dim=inner, keepdim=True)
+        with torch.no_grad():
+            x0 = x.primal
+            keras_variance = torch.mean(x0 * x0, dim=inner, keepdim=True)
+            keras_variance -= mean[0] * mean[0]
+        variance = variance + (keras_variance - variance).detach()
+        with torch.no_grad():
+            m = layer.momentum
+            layer.moving_mean.assign(
+                layer.moving_mean.value * m
+                + mean[0].reshape(-1).detach() * (1.0 - m)
+            )
+            layer.moving_variance.assign(
+                layer.moving_variance.value * m
+                + variance.reshape(-1).detach() * (1.0 - m)
+            )
+        v1 = 2 * torch.mean(c0 * c1, dim=dims, keepdim=True)  # (K, 1...)
+        v2 = 2 * torch.mean(
+            torch.sum(c1 * c1, dim=0) + c0 * c2, dim=inner, keepdim=True
+        )
+        r = torch.rsqrt(variance + layer.epsilon)
+        r3 = r * r * r
+        r1 = -0.5 * r3 * v1
+        r2 = 0.75 * r3 * r * r * torch.sum(v1 * v1, dim=0) - 0.5 * r3 * v2
+        gamma = layer.gamma.value.reshape(shape[1:]) if layer.scale else 1.0
+        beta = layer.beta.value.reshape(shape[1:]) if layer.center else 0.0
+        zero = torch.zeros((), dtype=c0.dtype, device=c0.device)
+        s_gamma = self.tangents(layer.gamma if layer.scale else None)
+        s_beta = self.tangents(layer.beta if layer.center else None)
+        sg = (
+            torch.stack([s.reshape(shape[1:]) for s in s_gamma])
+            if s_gamma is not None
+            else zero
+        )
+        sb = (
+            torch.stack([s.reshape(shape[1:]) for s in s_beta])
+            if s_beta is not None
+            else zero
+        )
+        scale = gamma * r
+        y0 = c0 * scale + beta
+        y1 = c1 * scale + c0 * (gamma * r1 + sg * r) + sb
+        y2 = (
+            c2 * scale
+            + torch.sum(c1 * (2 * gamma * r1 + 2 * sg * r), dim=0)
+            + c0 * (gamma * r2 + 2 * torch.sum(sg * r1, dim=0))
+        )
+        out = torch.cat([y0[None], y1, y2[None]])
+        return _Jet(out.view(x.data.shape), count, rows)
+
+    def _add(self, jets: Sequence[_Jet]) -> _Jet:
+        count = max(j.probes for j in jets)
+        total = None
+        for j in jets:
+            data = j.with_probes(count).data
+            total = data if total is None else total + data
+        assert total is not None
+        return _Jet(total, count, jets[0].rows)
+
+    def _generic_function(self, fn: Callable[..., Any], x: _Jet) -> _Jet:
+        """A weightless function of one tensor, by `_nested_jvp`."""
+        x0, first, second = x.parts()
+        y, slopes, curvature = None, [], None
+        for k in range(x.probes):
+            # x'' rides along the first probe: y'' is linear in it.
+            curve = second if k == 0 else torch.zeros_like(second)
+            y0, y1, y2 = _nested_jvp(fn, (x0,), (first[k],), (curve,))
+            y = y0[0] if y is None else y
+            slopes.append(y1[0])
+            curvature = y2[0] if curvature is None else curvature + y2[0]
+        assert y is not None and curvature is not None
+        return _stack([y, *slopes, curvature], x.probes, x.rows)
+
+    def _generic(
+        self, operation: Any, args: Any, kwargs: Any, weights: list[Any]
+    ) -> Any:
+        """Any stateless operation, by `_nested_jvp` per probe.
+
+        Its weights and float inputs carry the tangents; other inputs
+        (integer ids) enter as constants.
+        """
+        if getattr(operation, "non_trainable_variables", None):
+            raise _Unsupported(f"stateful layer {operation.name}")
+        count = self.count
+        flat = keras.tree.flatten((args, kwargs))
+        slots, jets = [], []
+        for i, a in enumerate(flat):
+            if isinstance(a, _Jet):
+                if a.data.is_floating_point():
+                    slots.append(i)
+                    jets.append(a.with_probes(count))
+                else:
+                    flat[i] = a.primal
+        structure: list[Any] = []
+
+        def fn(*values: torch.Tensor) -> Any:
+            w_values, x_values = values[: len(weights)], values[len(weights) :]
+            filled = list(flat)
+            for i, v in zip(slots, x_values):
+                filled[i] = v
+            a, kw = keras.tree.pack_sequence_as((args, kwargs), filled)
+            mapping = list(zip(weights, w_values))
+            with keras.StatelessScope(state_mapping=mapping):
+                out = operation(*a, **_training(operation, kw))
+            structure[:] = [keras.tree.map_structure(lambda t: None, out)]
+            return out
+
+        w0 = tuple(v.value for v in weights)
+        parts = [j.parts() for j in jets]
+        primals = w0 + tuple(p[0] for p in parts)
+        outs = []
+        for k in range(count):
+            first, second = [], []
+            for v in weights:
+                sigma = self.tangents(v)
+                zero = torch.zeros_like(v.value)
+                first.append(zero if sigma is None else sigma[k])
+                second.append(zero)
+            first += [p[1][k] for p in parts]
+            # x'' rides along the first probe: y'' is linear in it.
+            second += [
+                p[2] if k == 0 else torch.zeros_like(p[2]) for p in parts
+            ]
+            outs.append(_nested_jvp(fn, primals, tuple(first), tuple(second)))
+        results = []
+        for i, y in enumerate(outs[0][0]):
+            curvature = outs[0][2][i]
+            for o in outs[1:]:
+                curvature = curvature + o[2][i]
+            blocks = [y] + [o[1][i] for o in outs] + [curvature]
+            results.append(_stack(blocks, count, int(y.shape[0])))
+        return keras.tree.pack_sequence_as(structure[0], results)
+
+    # -- the loss -------------------------------------------------------------
+
+    def loss_curvature(
+        self, outputs: Any, x: Any, y: Any, sample_weight: Any, scale: Any
+    ) -> torch.Tensor:
+        """mean_k f''_k from the outputs' jets, f = s L (loss only)."""
+        jets = [j.with_probes(self.count) for j in keras.tree.flatten(outputs)]
+        parts = [j.parts() for j in jets]
+
+        def fn(*z: torch.Tensor) -> torch.Tensor:
+            packed = keras.tree.pack_sequence_as(outputs, list(z))
+            with keras.StatelessScope():
+                loss = compat.compute_loss(
+                    self.model, x, y, packed, sample_weight, True
+                )
+            return loss * scale.to(loss.dtype)
+
+        total = None
+        for k in range(self.count):
+            # x'' rides along the first probe: f'' is linear in it.
+            _, _, second = _nested_jvp(
+                fn,
+                tuple(p[0] for p in parts),
+                tuple(p[1][k] for p in parts),
+                tuple(
+                    p[2] if k == 0 else torch.zeros_like(p[2]) for p in parts
+                ),
+            )
+            total = second[0] if total is None else total + second[0]
+        assert total is not None
+        return total / self.count
+
+
+#: Models the Taylor forward pass failed on (they keep reverse over reverse).
+_REVERSE_ONLY: weakref.WeakSet[keras.Model] = weakref.WeakSet()
+
+
+def _taylor_applies(model: keras.Model, plan: StepPlan) -> bool:
+    """Whether the step takes t forward over forward (`_TaylorForward`).
+
+    For the exact Hessian quadratic form of a probe that touches some
+    variable, on a model without regularization losses (`_TaylorForward`
+    walks the layers without their ``__call__``, which adds those) or
+    mixed precision, that has not failed before.
+    """
+    probes = plan.probes
+    if (
+        not probes
+        or plan.curvature != "hessian"
+        or plan.epsilon is not None
+        or model in _REVERSE_ONLY
+        or all(s is None for probe in probes for s in probe)
+    ):
+        return False
+    for layer in model._flatten_layers(include_self=False):
+        if getattr(layer, "activity_regularizer", None) is not None:
+            return False
+        if layer.compute_dtype != layer.variable_dtype:
+            return False
+    return all(
+        getattr(v, "regularizer", None) is None
+        for v in model.trainable_variables
+    )
+
+
+def _taylor_forward(
+    model: keras.Model,
+    x: Any,
+    run: StepRun,
+    probes: Sequence[Sequence[torch.Tensor | None]],
+) -> tuple[Any, torch.Tensor, torch.Tensor, list[torch.Tensor]] | None:
+    """(y_pred, L, s t, state) by `_TaylorForward`, or None without a rule.
+
+    ``state``: the model's non-trainable values before the pass.
+
+    Then the model's state (BatchNorm statistics, seeds) is put back as it
+    was, the model is remembered in `_REVERSE_ONLY` and the step goes on
+    by reverse over reverse.
+    """
+    state = [v.value.clone() for v in model.non_trainable_variables]
+    try:
+        taylor = _TaylorForward(model, run.params, probes)
+        jets = taylor.outputs(x)
+        y_pred = keras.tree.map_structure(lambda j: j.primal, jets)
+        if model.losses:
+            raise _Unsupported("a layer adds a loss")
+        loss = compat.compute_loss(
+            model, x, run.y, y_pred, run.sample_weight, True
+        )
+        t = taylor.loss_curvature(jets, x, run.y, run.sample_weight, run.scale)
+    except Exception as error:  # no rule, no forward-mode formula, ...
+        with torch.no_grad():
+            for v, value in zip(model.non_trainable_variables, state):
+                v.assign(value)
+        _REVERSE_ONLY.add(model)
+        logging.getLogger(__name__).info(
+            "SEHT on %s: reverse over reverse (no forward-over-forward "
+            "rule: %s)",
+            model.name,
+            error,
+        )
+        return None
+    return y_pred, loss, t, state
+
+
 def _watch_inputs(x: Any) -> tuple[Any, list[torch.Tensor]]:
     """`x` with its float leaves replaced by leaf tensors that need grad."""
     flat = keras.tree.flatten(x)
@@ -265,15 +1044,24 @@ class _Context:
         graph = plan.forward_graph or plan.first_order_gradient
         self._graph_freed = False
         self._first_order: list[torch.Tensor] | None = None
-        with contextlib.nullcontext() if graph else torch.no_grad():
-            if compat.call_has_training_arg(model):
-                y_pred = model(x, training=True)
-            else:
-                y_pred = model(x)
+        self._curvature: torch.Tensor | None = None
+        self._state_before: list[torch.Tensor] = []
+        taylor = None
+        if graph and _taylor_applies(model, plan):
+            taylor = _taylor_forward(model, x, run, plan.probes or [])
+        if taylor is not None:
+            y_pred, loss, self._curvature, self._state_before = taylor
             model.zero_grad()
-            loss = compat.compute_loss(
-                model, x, run.y, y_pred, run.sample_weight, True
-            )
+        else:
+            with contextlib.nullcontext() if graph else torch.no_grad():
+                if compat.call_has_training_arg(model):
+                    y_pred = model(x, training=True)
+                else:
+                    y_pred = model(x)
+                model.zero_grad()
+                loss = compat.compute_loss(
+                    model, x, run.y, y_pred, run.sample_weight, True
+                )
         self.outputs, self.loss = y_pred, loss
         self.live_loss = loss * run.scale.to(loss.dtype)
         self.scaled_loss = (
@@ -352,6 +1140,8 @@ class _Context:
         return _KnownGradient.apply(loss.detach(), *params, *grads)
 
     def quadratic_form(self) -> torch.Tensor:
+        if self._curvature is not None:  # forward over forward
+            return self._curvature
         probes = self._plan.probes or []
         params = self._params
         if self._plan.curvature == "gauss_newton":
@@ -503,7 +1293,8 @@ class StepRun:
         The context's own where it has it (the graph-connected gradient
         of every variable, or the first-order one); else a backward of the
         step's forward graph (kept for the objective's backward), or, with
-        no graph left, of a stateless forward pass.
+        no graph left or a Taylor forward pass, of a stateless forward
+        pass.
         """
         params = self.params
         if needed is not None and not bool(needed):
@@ -516,6 +1307,20 @@ class StepRun:
             return [g.detach() for g in context._gradients[everything]]
         if context._first_order is not None:
             return context._first_order
+        if context._curvature is not None:
+            # The Taylor pass's products mix the probes' coefficients into
+            # the loss's (a NaN probe would make g_L NaN): a plain
+            # stateless pass at the step's own state instead.
+            loss = functional.stateless_loss(
+                self.model,
+                params,
+                context._state_before,
+                self.x,
+                self.y,
+                self.sample_weight,
+                True,
+            )[0]
+            return _grad(loss * self.scale, params, False, retain_graph=False)
         loss = context.live_loss
         if not loss.requires_grad or context._graph_freed:  # no graph left
             nt = [v.value for v in self.model.non_trainable_variables]
