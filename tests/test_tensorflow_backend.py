@@ -23,6 +23,7 @@ from conftest import (  # noqa: E402
     image_data,
     make_data,
     rademacher_probe,
+    relu_mlp,
     tanh_mlp,
     tiny_cnn,
 )
@@ -35,6 +36,9 @@ from reference import (  # noqa: E402
 
 import keras_seht  # noqa: E402
 from keras_seht import _keras_compat as compat  # noqa: E402
+from keras_seht import variants  # noqa: E402
+from keras_seht.backend import tensorflow as tf_backend  # noqa: E402
+from keras_seht.layout import weight_layout  # noqa: E402
 from keras_seht.operators import HessianOperator  # noqa: E402
 from keras_seht.spectrum import quadratic_forms  # noqa: E402
 
@@ -288,3 +292,154 @@ def test_batchnorm_moments_are_twice_differentiable():
     # Outside the context Keras' own moments are in force again (and wrong
     # at second order: the -2/n^2 coupling is missing).
     assert not np.allclose(second_derivative(), expected)
+
+
+# --------------------------------------------------------------------------
+# The forward-over-reverse step and its probed-variable variants
+# --------------------------------------------------------------------------
+
+FORWARD_MODELS = {
+    "tanh": (tanh_mlp, make_data),
+    "relu": (relu_mlp, make_data),
+    "cnn_batchnorm": (tiny_cnn, image_data),
+}
+
+
+def _layer_probe(model, layers, seed=1):
+    """A Rademacher probe on the variables of `layers` (layout indices,
+    "output" for the last layer), zero elsewhere."""
+    layout = weight_layout(model)
+    chosen = {layout.output_layer if j == "output" else j for j in layers}
+    rng = np.random.default_rng(seed)
+    owner = layout.layer_of()
+    return [
+        rng.choice([-1.0, 1.0], size=shape).astype("float32")
+        if owner[i] in chosen
+        else np.zeros(shape, "float32")
+        for i, shape in enumerate(layout.shapes)
+    ]
+
+
+def _no_tapes(monkeypatch):
+    """Makes the nested-tape path fail: the step must not fall back."""
+
+    def fail(self, make_plan, evaluate):
+        raise AssertionError("the step fell back to the nested tapes")
+
+    monkeypatch.setattr(tf_backend.StepRun, "_nested_tapes", fail)
+
+
+@pytest.mark.parametrize("name", sorted(FORWARD_MODELS))
+@pytest.mark.parametrize(
+    "layers, sparse",
+    [
+        (("output",), True),
+        ((0,), True),
+        ((0, "output"), True),
+        ((), True),
+        ((0, "output"), False),
+    ],
+    ids=str,
+)
+def test_forward_mode_variants_are_exact(name, layers, sparse, monkeypatch):
+    """Each variant (the probed layers and up; none) equals nested tapes.
+
+    The update of one SGD(1) step against three nested tapes from scratch
+    (`reference.objective_gradient`), to float32 round-off; with no layer
+    probed, t = 0 exactly and the loss is the plain one. `sparse`: the
+    step picks among the variants (as for SEHT-D on a large model; forced
+    here on these small ones), else one program (SEHT-H).
+    """
+    _no_tapes(monkeypatch)
+    monkeypatch.setattr(
+        variants, "sparse_layers", lambda penalties, layout: sparse
+    )
+    build, data = FORWARD_MODELS[name]
+    model = build()
+    x, y = data(n=16)
+    probe = _layer_probe(model, layers)
+    model.compile(
+        optimizer=keras.optimizers.SGD(1.0),
+        loss="sparse_categorical_crossentropy",
+        seht=FixedProbes([probe]),
+        jit_compile=False,
+    )
+    loss, t, expected = objective_gradient(
+        model, x, y, probe, STRENGTH, training=True
+    )
+    before = _weights(model)
+    logs = model.train_on_batch(x, y, return_dict=True)
+    for w0, w1, g in zip(before, _weights(model), expected):
+        np.testing.assert_allclose(w0 - w1, g, rtol=1e-4, atol=2e-6)
+    assert logs["seht_trace"] == pytest.approx(t, rel=1e-4, abs=1e-6)
+    if not layers:
+        assert t == 0.0 and logs["seht_trace"] == 0.0
+        assert logs["loss"] == pytest.approx(loss, rel=1e-6)
+
+
+def test_variant_index_covers_every_probed_layer():
+    """The chosen variant starts at or below the lowest probed layer."""
+    groups = [(0, 1), (2,), (3, 4), (5,), (6, 7), (8, 9)]
+    starts = tf_backend._variant_starts(groups)
+    assert starts[0] == 0 and starts[-1] == len(groups) - 1
+    assert starts == sorted(set(starts))
+    shapes = [(2,)] * 10
+    owner = [j for j, g in enumerate(groups) for _ in g]
+    for lowest in range(len(groups)):
+        probe = [
+            tf.ones(s) if owner[i] >= lowest else tf.zeros(s)
+            for i, s in enumerate(shapes)
+        ]
+        index = int(tf_backend._variant_index([probe], groups, starts))
+        assert starts[index] <= lowest
+        # The last such variant: the next one would miss the layer.
+        assert index == len(starts) - 1 or starts[index + 1] > lowest
+    nothing = [tf.zeros(s) for s in shapes]
+    index = tf_backend._variant_index([nothing, nothing], groups, starts)
+    assert int(index) == len(starts)
+
+
+def _tiny_lstm():
+    keras.utils.set_random_seed(0)
+    return keras_seht.Sequential(
+        [
+            keras.Input((4, 3)),
+            keras.layers.LSTM(3),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+
+
+def test_rnn_falls_back_to_exact_tapes(monkeypatch):
+    """Forward mode has no rule for the TensorList ops of Keras' RNN loop.
+
+    The step then takes the nested tapes (and stays exact).
+    """
+    calls = []
+    original = tf_backend.StepRun._nested_tapes
+
+    def spy(self, make_plan, evaluate):
+        calls.append(True)
+        return original(self, make_plan, evaluate)
+
+    monkeypatch.setattr(tf_backend.StepRun, "_nested_tapes", spy)
+    model = _tiny_lstm()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 4, 3)).astype("float32")
+    y = rng.integers(0, 3, size=8).astype("int32")
+    probe = rademacher_probe(
+        [tuple(v.shape) for v in model.trainable_weights], rng
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(1.0),
+        loss="sparse_categorical_crossentropy",
+        seht=FixedProbes([probe]),
+        jit_compile=False,
+    )
+    _, t, expected = objective_gradient(model, x, y, probe, STRENGTH)
+    before = _weights(model)
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert calls
+    for w0, w1, g in zip(before, _weights(model), expected):
+        np.testing.assert_allclose(w0 - w1, g, rtol=1e-4, atol=2e-6)
+    assert logs["seht_trace"] == pytest.approx(t, rel=1e-4)

@@ -21,6 +21,22 @@ The plan is made after the forward pass (Keras builds an unbuilt model in
 the first traced forward pass, and the probes need its variables).
 BatchNormalization's batch moments are made twice differentiable for the
 step (``_keras_compat.exact_tf_moments``).
+
+A built model whose plan reads only the exact Hessian quadratic form (an
+exact SEHT estimator, with or without penalties of the outputs) takes a
+faster path instead (`StepRun._forward_mode`): a forward-over-reverse
+HVP per probe, ``tf.autodiff.ForwardAccumulator`` around one tape, and ONE
+reverse pass of the objective. For SEHT-D on a model of at least
+``keras_seht.variants.MIN_VARIANT_LAYERS`` layers, a ``tf.switch_case``
+picks per step one of a few variants (`keras_seht.variants`) whose
+accumulators watch only the variables from the lowest probed layer's
+bucket up (in a graph the untaken branches do not run; the first step
+traces them all). Models whose forward pass TensorFlow's forward mode
+cannot differentiate (Keras' RNN layers: their while loops' TensorList
+ops) keep the nested tapes. (Forward-over-forward, two nested
+accumulators, gives the right t but a wrong reverse-mode gradient of it
+in TensorFlow 2.21: measured against nested tapes.) The costs are in
+``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -30,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import keras
 
 from keras_seht import _keras_compat as compat
-from keras_seht import functional, output_split, step
+from keras_seht import functional, output_split, step, variants
 from keras_seht.context import StepPlan
 from keras_seht.penalties import flatten_outputs, float_inputs
 
@@ -233,6 +249,35 @@ def _gauss_newton_estimate(
     return tf.add_n(values) / len(probes)
 
 
+def _state_variables(model: keras.Model) -> list[Any]:
+    """The variables a forward pass may assign (each once).
+
+    The non-trainable ones (BatchNorm statistics, seed states) and the
+    metrics' (the compiled loss's trackers).
+    """
+    seen, out = set(), []
+    for v in list(model.non_trainable_variables) + list(
+        model.metrics_variables
+    ):
+        if id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return out
+
+
+def _training_loss(run: StepRun) -> tuple[Any, Any, Any]:
+    """The training-mode forward pass: outputs, loss and scaled loss."""
+    model = run.model
+    if compat.call_has_training_arg(model):
+        y_pred = model(run.x, training=True)
+    else:
+        y_pred = model(run.x)
+    loss = compat.compute_loss(
+        model, run.x, run.y, y_pred, run.sample_weight, True
+    )
+    return y_pred, loss, model.optimizer.scale_loss(loss)
+
+
 class _Context:
     """The step context (`keras_seht.context.StepContext`), on tapes.
 
@@ -356,6 +401,164 @@ class _Context:
         return products
 
 
+# --------------------------------------------------------------------------
+# The exact Hessian quadratic form by forward-over-forward autodiff
+# --------------------------------------------------------------------------
+
+#: What a failed forward-mode trace raises (TensorFlow's forward mode has
+#: no rule for TensorList ops, in the while loops of Keras' RNN layers: it
+#: cannot make the ones-like "forwardprop aid" of a variant tensor).
+_FORWARD_MODE_ERRORS = (
+    TypeError,
+    ValueError,
+    LookupError,
+    NotImplementedError,
+)
+
+
+def forward_mode_plan(plan: StepPlan) -> bool:
+    """Whether the plan reads nothing but the Hessian quadratic form.
+
+    Besides the forward pass (the outputs, the loss): the plan of an exact
+    SEHT estimator, alone or with penalties of the outputs. Anything else
+    (a differentiable loss gradient, input products, shifted or perturbed
+    losses, the Gauss-Newton form) takes the nested tapes.
+    """
+    return (
+        plan.probes is not None
+        and plan.epsilon is None
+        and plan.curvature == "hessian"
+        and plan.input_cotangents is None
+        and not plan.loss_gradient
+        and not plan.first_order_gradient
+        and not plan.shifted_losses
+        and not plan.constant_loss
+    )
+
+
+def _variant_starts(groups: Sequence[Sequence[int]]) -> list[int]:
+    """The first layer of each probed-variable variant, ascending.
+
+    The starts of the hidden-layer buckets (`keras_seht.variants`) and the
+    output layer (the last group).
+    """
+    count = len(groups)
+    return sorted(set(variants.bucket_starts(count)) | {count - 1})
+
+
+def _variant_index(
+    probes: Sequence[Sequence[Any]],
+    groups: Sequence[Sequence[int]],
+    starts: Sequence[int],
+) -> tf.Tensor:
+    """The variant of this step's probes (an int32 scalar tensor).
+
+    Variant j (of ``len(starts)``) differentiates the layers from
+    ``starts[j]`` up; it is exact when no probe has a nonzero entry below
+    that layer. The index is the last such j, or ``len(starts)`` (no
+    curvature term at all) when every probe is zero.
+    """
+    import tensorflow as tf
+
+    touched = []
+    for group in groups:
+        flags = [
+            tf.reduce_any(tf.not_equal(sigma[i], 0))
+            for sigma in probes
+            for i in group
+        ]
+        touched.append(tf.reduce_any(tf.stack(flags)))
+    below = tf.cumsum(tf.cast(tf.stack(touched), tf.int32))
+    # Layers touched strictly below each start, and in all.
+    counts = [below[s - 1] for s in starts[1:]] + [below[-1]]
+    return tf.add_n([tf.cast(tf.equal(c, 0), tf.int32) for c in counts])
+
+
+def curvature_estimate(
+    forward: Callable[[], Any],
+    primals: Sequence[tf.Tensor],
+    tangents: Sequence[tf.Tensor],
+) -> tuple[tf.Tensor, Any]:
+    r"""sigma^T H sigma by forward-over-reverse, and the forward's result.
+
+    ``forward()`` computes :math:`f` from the watched `primals` (and
+    returns ``(f, aux)``). A tape gives :math:`g = \nabla f` over the
+    `primals`, and a ``tf.autodiff.ForwardAccumulator`` around it, along
+    the probe :math:`\sigma` (the `tangents`), its JVP
+
+    .. math::
+
+        H\sigma = \frac{d}{d\epsilon}
+            \nabla f(w + \epsilon\sigma)\Big|_{\epsilon=0},
+        \qquad t = \sigma^\top H \sigma.
+
+    An enclosing ``tf.GradientTape`` records it all: its gradient of the
+    result is the third-order term. (Forward-over-forward, two nested
+    accumulators, gives the right :math:`t` but a wrong reverse-mode
+    gradient of it in TensorFlow 2.21, and an internal error eagerly:
+    measured against nested tapes.)
+    """
+    import tensorflow as tf
+
+    zero = tf.UnconnectedGradients.ZERO
+    with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(primals)
+            value, aux = forward()
+        grads = _gradient(tape, value, primals)
+    products = accumulator.jvp(grads, unconnected_gradients=zero)
+    return _dot(tangents, products), (value, aux)
+
+
+class _ForwardContext:
+    """The step context of a forward-mode step: loss, outputs and t.
+
+    Everything was computed while the step's tape recorded (so it is
+    differentiable in the weights); the plan asked for nothing else.
+    """
+
+    def __init__(
+        self,
+        run: StepRun,
+        outputs: Any,
+        scaled_loss: Any,
+        weights: list[Any],
+        curvature: Any,
+    ) -> None:
+        self.model, self.x, self.y = run.model, run.x, run.y
+        self.sample_weight, self.scale = run.sample_weight, run.scale
+        self.outputs, self.scaled_loss = outputs, scaled_loss
+        self.weights = weights
+        self.batch_size = step.static_batch_size(run.x)
+        self._curvature = curvature
+
+    def quadratic_form(self) -> Any:
+        return self._curvature
+
+    def _unplanned(self, name: str) -> Any:
+        raise ValueError(
+            f"The step context's `{name}` was read but not planned: a "
+            "penalty must record in `plan` what it reads (see "
+            "`keras_seht.context.StepPlan`)."
+        )
+
+    def loss_gradient(
+        self, differentiable: bool = True, part: tuple[int, int] | None = None
+    ) -> list[Any]:
+        return self._unplanned("loss_gradient")
+
+    def loss_at(
+        self, shift: list[Any], part: tuple[int, int] | None = None
+    ) -> Any:
+        return self._unplanned("loss_at")
+
+    def perturbed_loss(self) -> Any:
+        return self._unplanned("perturbed_loss")
+
+    def input_products(self) -> list[list[Any]]:
+        return self._unplanned("input_products")
+
+
 class StepRun:
     """The primitives of one traced train step (`keras_seht.step`)."""
 
@@ -372,7 +575,163 @@ class StepRun:
         make_plan: Callable[[Callable[[], Any]], StepPlan],
         evaluate: Callable[[Any], tuple[list[Any], Any]],
     ) -> tuple[Any, list[Any]]:
-        """One forward pass and the objective's gradient; see `StepRun`."""
+        """One forward pass and the objective's gradient; see `StepRun`.
+
+        Forward-over-reverse (`_forward_mode`) where the plan allows it and
+        TensorFlow's forward mode covers the model; else nested tapes
+        (`_nested_tapes`).
+        """
+        import tensorflow as tf
+
+        model = self.model
+        self._forward_mode_step = False
+        self.non_trainable = [
+            tf.identity(v.value) for v in model.non_trainable_variables
+        ]
+        if not model.built or _replica_context() is not None:
+            # An unbuilt model gets its variables in the first forward
+            # pass; data-parallel replicas keep the tapes' tested path.
+            return self._nested_tapes(make_plan, evaluate)
+        model.check_trainable_weights()
+        plan = make_plan(lambda: step.output_shape(model, self.x))
+        if forward_mode_plan(plan):
+            result = self._forward_mode(plan, evaluate)
+            if result is not None:
+                return result
+        return self._nested_tapes(lambda shape: plan, evaluate)
+
+    def _forward_mode(
+        self, plan: StepPlan, evaluate: Callable[[Any], tuple[list[Any], Any]]
+    ) -> tuple[Any, list[Any]] | None:
+        r"""The step by forward-over-forward t and ONE reverse pass.
+
+        With :math:`w` the trainable values (read once, watched by one
+        tape) and the loss evaluated statelessly at them
+        (``keras.StatelessScope``; the first pass's BatchNorm statistics,
+        seeds and loss trackers are written back afterwards), each probe's
+        :math:`t_k = \sigma_k^\top H \sigma_k` comes from
+        `curvature_estimate` (the first probe's primal pass is the step's
+        forward pass; each further probe reruns it with the same
+        non-trainable state, so the same Dropout masks), and the tape's
+        gradient of :math:`s L + \sum_j \text{strength}_j \phi_j(s R_j)`
+        is the update.
+
+        Only the variables from the lowest probed layer up are watched
+        by the accumulators: a ``tf.switch_case`` picks, per step, the
+        variant (`_variant_starts`) whose variables cover every nonzero
+        probe entry (`_variant_index`; exact, since a zero probe entry
+        adds nothing to :math:`t`), so a SEHT-D step that probes only the
+        output layer costs about a plain step; in a graph the untaken
+        variants do not run.
+
+        Traced inside a nested ``tf.function`` (eagerly: run as it is), so
+        that a model TensorFlow's forward mode cannot differentiate (it
+        has no rule for the TensorList ops of Keras' RNN loops) leaves
+        nothing behind: then None, and the caller takes the tapes.
+        """
+        import tensorflow as tf
+
+        model, optimizer = self.model, self.model.optimizer
+        trainable = list(model.trainable_variables)
+        self.trainable = trainable
+        probes = [
+            [
+                tf.zeros(v.shape, v.dtype)
+                if s is None
+                else tf.cast(tf.convert_to_tensor(s), v.dtype)
+                for s, v in zip(sigma, trainable)
+            ]
+            for sigma in plan.probes or []
+        ]
+        layout = model.seht_layout
+        groups = layout.groups
+        # One program where every layer is probed (SEHT-H) or the model is
+        # small; else a variant per bucket (`keras_seht.variants`).
+        sparse = variants.sparse_layers(model.seht_penalties, layout)
+        starts = _variant_starts(groups) if sparse else [0]
+        watched_sets: list[list[int] | None] = [
+            sorted(i for group in groups[start:] for i in group)
+            for start in starts
+        ]
+        watched_sets.append(None)
+        state = _state_variables(model)
+        self.scale = _loss_scale(optimizer, tf.float32)
+
+        def forward(weights: list[Any]) -> tuple[Any, Any]:
+            mapping = list(zip(trainable, weights))
+            with (
+                keras.StatelessScope(
+                    state_mapping=mapping, collect_losses=True
+                ) as scope,
+                compat.exact_tf_moments(),
+            ):
+                y_pred, loss, scaled_loss = _training_loss(self)
+            return scaled_loss, (loss, y_pred, scope)
+
+        def variant(watched: list[int] | None) -> Callable[[], Any]:
+            def run() -> Any:
+                weights = [tf.identity(v.value) for v in trainable]
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
+                    tape.watch(weights)
+                    if watched is None:  # every probe is zero: t = 0
+                        scaled_loss, extra = forward(weights)
+                        curvature = tf.zeros((), scaled_loss.dtype)
+                    else:
+                        forms = []
+                        for k, sigma in enumerate(probes):
+                            form, result = curvature_estimate(
+                                lambda: forward(weights),
+                                [weights[i] for i in watched],
+                                [sigma[i] for i in watched],
+                            )
+                            forms.append(form)
+                            if k == 0:
+                                scaled_loss, extra = result
+                        curvature = tf.add_n(forms) / len(forms)
+                    loss, y_pred, scope = extra
+                    context = _ForwardContext(
+                        self, y_pred, scaled_loss, weights, curvature
+                    )
+                    values, objective = evaluate(context)
+                    total = scaled_loss + tf.cast(objective, scaled_loss.dtype)
+                grads = _gradient(tape, total, weights)
+                # The first pass's state updates (BatchNorm statistics,
+                # seeds, loss trackers), once, after every pass read the
+                # state of before the step.
+                for v in state:
+                    new = scope.get_current_value(v)
+                    if new is not None:
+                        v.assign(new)
+                return loss, values, grads, y_pred
+
+            return run
+
+        def dispatch() -> Any:
+            if not sparse:
+                return variant(watched_sets[0])()
+            branches = [variant(watched) for watched in watched_sets]
+            index = _variant_index(probes, groups, starts)
+            return tf.switch_case(index, branches)
+
+        try:
+            if tf.executing_eagerly():
+                outputs = dispatch()
+            else:
+                outputs = tf.function(dispatch, autograph=False)()
+        except _FORWARD_MODE_ERRORS:
+            return None
+        loss, values, self.grads, self.y_pred = outputs
+        self.loss = loss
+        self.constant_loss = False
+        self._forward_mode_step = True
+        return loss, list(values)
+
+    def _nested_tapes(
+        self,
+        make_plan: Callable[[Callable[[], Any]], StepPlan],
+        evaluate: Callable[[Any], tuple[list[Any], Any]],
+    ) -> tuple[Any, list[Any]]:
+        """The step on nested tapes (the module docstring's recipe)."""
         import tensorflow as tf
 
         model, optimizer = self.model, self.model.optimizer
@@ -384,12 +743,10 @@ class StepRun:
                 flat[i] = tf.convert_to_tensor(t)
                 self.leaves.append(flat[i])
         self.x = keras.tree.pack_sequence_as(self.x, flat)
-        # Read before the stateful forward pass: the perturbed passes of
-        # the smoothed methods run with the step's own non-trainable state
-        # (an unbuilt model gets its variables in the forward pass).
-        self.non_trainable = [
-            tf.identity(v.value) for v in model.non_trainable_variables
-        ]
+        # `non_trainable` was read before the stateful forward pass: the
+        # perturbed passes of the smoothed methods run with the step's own
+        # non-trainable state (an unbuilt model gets its variables in the
+        # forward pass: read again below).
         self.outer = tf.GradientTape()
         self.middle = tf.GradientTape(persistent=True)
         self.inner = tf.GradientTape(persistent=True)
@@ -400,14 +757,7 @@ class StepRun:
             with self.middle:
                 with self.inner, self.inputs, compat.exact_tf_moments():
                     self.inputs.watch(self.leaves)
-                    if compat.call_has_training_arg(model):
-                        y_pred = model(self.x, training=True)
-                    else:
-                        y_pred = model(self.x)
-                    loss = compat.compute_loss(
-                        model, self.x, self.y, y_pred, self.sample_weight, True
-                    )
-                    scaled_loss = optimizer.scale_loss(loss)
+                    y_pred, loss, scaled_loss = _training_loss(self)
                 # Keras builds an unbuilt model in the first traced pass.
                 model.check_trainable_weights()
                 variables = model.non_trainable_variables
@@ -454,6 +804,8 @@ class StepRun:
         """
         import tensorflow as tf
 
+        if self._forward_mode_step:  # the tape's gradient of the total
+            return list(self.grads)
         return [
             tf.cast(gp, g.dtype)
             if self.constant_loss
@@ -462,8 +814,41 @@ class StepRun:
         ]
 
     def loss_gradients(self, needed: Any = None) -> list[Any]:
-        """The plain loss gradient g_L (the inner tape's, always at hand)."""
-        return list(self.grads)
+        """The plain loss gradient g_L; see `StepRun.loss_gradients`.
+
+        The inner tape's, always at hand; after a forward-mode step, one
+        plain backward pass of a stateless forward pass with the step's
+        non-trainable state of before it (the same Dropout masks and
+        BatchNorm mode), inside a ``tf.cond`` when it is only `needed`
+        sometimes.
+        """
+        import tensorflow as tf
+
+        if not self._forward_mode_step:
+            return list(self.grads)
+        model = self.model
+
+        def plain() -> list[Any]:
+            weights = [tf.identity(v.value) for v in self.trainable]
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(weights)
+                loss = functional.stateless_loss(
+                    model,
+                    weights,
+                    self.non_trainable,
+                    self.x,
+                    self.y,
+                    self.sample_weight,
+                    training=True,
+                )[0]
+                scaled_loss = tf.cast(loss, self.scale.dtype) * self.scale
+            return _gradient(tape, scaled_loss, weights)
+
+        if needed is None:
+            return plain()
+        return tf.cond(
+            needed, plain, lambda: [tf.zeros_like(g) for g in self.grads]
+        )
 
     def all_reduce_mean(self, tensors: Any) -> Any:
         r"""The mean of each tensor over the replicas of a strategy.
