@@ -129,6 +129,50 @@ def _study_summary(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The step-overhead results of each backend, in the cost table's order.
+COST_FILES = {
+    "torch": "step_overhead_torch.json",
+    "JAX": "step_overhead_jax.json",
+    "TensorFlow": "step_overhead_tensorflow.json",
+}
+#: The estimators of the cost table (the benchmark's method names).
+COST_METHODS = {
+    "SEHT-D(p=0.01)": "SEHT-D(p=0.01)",
+    "SEHT-D(p=0.05)": "SEHT-D(p=0.05)",
+    "SEHT-H(1)": "SEHT-H(1)",
+    "SEHT-H(5)": "SEHT-H(5)",
+    "SEHT-H(1) finite_difference": "SEHT-H(1), finite difference",
+    "SEHT-H(1) antithetic": "SEHT-H(1), antithetic",
+}
+
+
+def _cost_table(torch_results: dict[str, Any]) -> str:
+    """Mean step time over plain Keras' on the benchmark ResNet, per backend.
+
+    From ``benchmarks/results/step_overhead_<backend>.json`` (the torch
+    file is the block's own; the JAX and TensorFlow files are read here).
+    """
+    tables = {}
+    for backend, name in COST_FILES.items():
+        if backend == "torch":
+            tables[backend] = torch_results
+            continue
+        path = ROOT / "benchmarks" / "results" / name
+        with open(path, encoding="utf-8") as f:
+            tables[backend] = json.load(f)
+    lines = [
+        "| estimator | " + " | ".join(COST_FILES) + " |",
+        "|---|" + "---:|" * len(COST_FILES),
+    ]
+    for method, label in COST_METHODS.items():
+        cells = []
+        for results in tables.values():
+            time = results["models"]["resnet"]["time"].get(method)
+            cells.append("-" if time is None else f"{time['mean']:.2f}x")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 #: Marker name -> block. The markers are ``<!-- NAME:begin -->`` and
 #: ``<!-- NAME:end -->``.
 BLOCKS: dict[str, Block] = {
@@ -140,6 +184,10 @@ BLOCKS: dict[str, Block] = {
     "study-table": Block(
         results="benchmarks/results/generalization.json",
         render=_study_summary,
+    ),
+    "cost-table": Block(
+        results="benchmarks/results/step_overhead_torch.json",
+        render=_cost_table,
     ),
 }
 
