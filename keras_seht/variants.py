@@ -4,10 +4,11 @@ SEHT-D draws each layer with probability :math:`\pi_l < 1`, so most steps'
 probes :math:`\sigma` are zero on most layers, and :math:`\sigma^\top H
 \sigma` is the same function whether or not the zero layers carry
 forward-mode tangents. An eager step (torch) leaves them out every step;
-a compiled step has one static program, so a backend that compiles
-(JAX, `keras_seht.backend.jax.SparseTrainStep`) keeps a few programs,
-*variants*, and picks one per step on the host from the step's probe
-support (which variables a probe touches).
+a compiled step has one static program, so a backend that compiles keeps
+a few programs, *variants*, and picks one per step from the step's probe
+support (which variables a probe touches): JAX on the host
+(`keras_seht.backend.jax.SparseTrainStep`), TensorFlow in the graph
+(``tf.switch_case``).
 
 A variant is named by its *tangent set*, a superset of the probed
 variables (so it computes the step exactly):

@@ -769,7 +769,7 @@ class SparseTrainStep:
 
     At most ``keras_seht.variants.MAX_HIDDEN_VARIANTS + 1`` variants are
     compiled (+ 1 where the output layer may go unprobed), each on first
-    use (logged on the ``keras_seht`` logger, with its compile time);
+    use (logged on the ``keras_seht`` logger);
     their names and use counts are in `counts`.
 
     Args:
